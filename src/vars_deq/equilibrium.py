@@ -1,0 +1,286 @@
+"""The one loop: runs any solver on a batch of problems with per-problem convergence.
+
+Each problem stops on its own when its relative residual ||T(z) - z|| / max(||z||, eps) falls
+below ``tol``. Sparse-coding problems are separable, so stopped problems are dropped from the
+batch and cost nothing more; a generic map is applied to the whole batch, and stopped problems
+only keep their output. With ``tol=None`` the loop runs exactly ``max_steps`` steps with no host
+synchronisation (no ``.item()``, no data-dependent shapes), so torch.compile and CUDA graphs can
+take it.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .problems import LassoBatch, SparseCoding, relative_residual
+from .solvers import Solver, make_solver
+from .solvers.base import take_state
+
+__all__ = ["solve", "Solution", "SolveStats", "ConvergenceWarning", "REPORT_TOL", "INITS", "MapBatch"]
+
+#: fixed-step runs (tol=None) report a problem as converged when its residual is below this
+REPORT_TOL = 1e-4
+INITS = ("encode", "zeros")
+
+
+class ConvergenceWarning(UserWarning):
+    """A solve or an adjoint solve stopped at max_steps above its tolerance."""
+
+
+@dataclass
+class SolveStats:
+    """Per-problem statistics, shaped like the problems' batch dims.
+
+    steps: steps taken (T evaluations). residual: final relative residual.
+    residual_trace / energy_trace: (steps, *batch) when traced, NaN after a problem stopped.
+    """
+
+    steps: torch.Tensor
+    residual: torch.Tensor
+    residual_trace: torch.Tensor | None = None
+    energy_trace: torch.Tensor | None = None
+    solver: str = ""
+    max_steps: int = 0
+    tol: float | None = None
+    _energy_fn: Callable[[], torch.Tensor] | None = field(default=None, repr=False)
+
+    @property
+    def energy(self) -> torch.Tensor | None:
+        """Final energy E(z) per problem (sparse coding only; computed on first access)."""
+        if self._energy_fn is None:
+            return None
+        if not hasattr(self, "_energy"):
+            self._energy = self._energy_fn()
+        return self._energy
+
+    @property
+    def converged_fraction(self) -> torch.Tensor:
+        tol = REPORT_TOL if self.tol is None else self.tol
+        return (self.residual < tol).float().mean()
+
+
+@dataclass
+class Solution:
+    """z: the output T(z_final) (exactly sparse for lasso); converged: per problem (bool)."""
+
+    z: torch.Tensor
+    converged: torch.Tensor
+    stats: SolveStats
+
+
+class MapBatch:
+    """A generic fixed-point map f over a batch of P problems (internal)."""
+
+    is_lasso = False
+
+    def __init__(self, f: Callable[[torch.Tensor], torch.Tensor], shape: torch.Size):
+        self.f, self.shape = f, shape
+
+    def T(self, z: torch.Tensor) -> torch.Tensor:
+        out = self.f(z.reshape(self.shape))
+        if out.shape != self.shape:
+            raise ValueError(f"the map returned shape {tuple(out.shape)} for an input of shape {tuple(self.shape)}")
+        return out.reshape(z.shape)
+
+
+def check_loop_args(max_steps: int, tol: float | None) -> None:
+    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 0:
+        raise ValueError(f"max_steps must be an int >= 0, got {max_steps!r}")
+    if tol is not None and not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
+        raise ValueError(f"tol must be None (fixed steps) or a number > 0, got {tol!r}")
+
+
+def initial_codes(problem: SparseCoding, z0) -> torch.Tensor:
+    """Flat (P, M, C) starting codes: "encode" (D^T x, the paper's choice), "zeros" or a tensor."""
+    flat = problem.flat()
+    if z0 is None or (isinstance(z0, str) and z0 == "encode"):
+        return flat.b
+    if isinstance(z0, str):
+        if z0 == "zeros":
+            return torch.zeros_like(flat.b)
+        raise ValueError(f"z0 must be a tensor or one of {INITS}, got {z0!r}")
+    if not isinstance(z0, torch.Tensor):
+        raise ValueError(f"z0 must be a tensor or one of {INITS}, got {type(z0).__name__}")
+    if z0.shape != torch.Size(problem.code_shape):
+        raise ValueError(f"z0 must have the codes' shape {problem.code_shape}, got {tuple(z0.shape)}")
+    if not bool(torch.isfinite(z0).all()):
+        raise ValueError("z0 holds NaN or Inf")
+    return z0.reshape(flat.b.shape).to(flat.b.dtype)
+
+
+def solve(
+    problem: SparseCoding,
+    solver: str | Solver = "anderson",
+    max_steps: int = 100,
+    tol: float | None = 1e-4,
+    z0: torch.Tensor | str | None = None,
+    trace: bool = False,
+) -> Solution:
+    """Solve a batch of sparse-coding problems to their fixed points.
+
+    Args:
+        problem: a :class:`SparseCoding`.
+        solver: a name from ``SOLVERS`` or a solver object.
+        max_steps: most steps per problem (0 returns z0).
+        tol: per-problem relative residual to stop at; None runs exactly max_steps (no syncs).
+        z0: starting codes: None or "encode" (D^T x), "zeros", or a tensor (..., M, C).
+        trace: record per-step residual and energy traces (one extra product per step).
+
+    Gradients flow through the steps (this is the unrolled backward); see
+    :func:`vars_deq.sparse_code` for implicit and phantom gradients.
+    """
+    if not isinstance(problem, SparseCoding):
+        raise ValueError(f"problem must be a SparseCoding, got {type(problem).__name__}")
+    solver = make_solver(solver)
+    check_loop_args(max_steps, tol)
+    flat = problem.flat()
+    solver.check(flat)
+    z, steps, residual, rtrace, etrace = run(flat, solver, initial_codes(problem, z0), max_steps, tol, trace)
+    return package(problem.batch_shape, problem.code_shape, z, steps, residual, rtrace, etrace, solver, max_steps, tol,
+                   energy_fn=lambda: problem.energy(z.detach().reshape(problem.code_shape)))
+
+
+def package(batch, out_shape, z, steps, residual, rtrace, etrace, solver, max_steps, tol, energy_fn=None) -> Solution:
+    tol_report = REPORT_TOL if tol is None else tol
+    converged = residual < tol_report
+    if tol is not None and not bool(converged.all()):
+        n = int((~converged).sum())
+        warnings.warn(
+            f"{n} of {converged.numel()} problems did not reach tol={tol:g} in max_steps={max_steps} with "
+            f"{solver!r} (largest residual {residual.max().item():.3g}); see Solution.converged and stats.residual",
+            ConvergenceWarning,
+            stacklevel=3,
+        )
+    stats = SolveStats(
+        steps=steps.reshape(batch),
+        residual=residual.reshape(batch),
+        residual_trace=None if rtrace is None else rtrace.reshape(-1, *batch),
+        energy_trace=None if etrace is None else etrace.reshape(-1, *batch),
+        solver=repr(solver),
+        max_steps=max_steps,
+        tol=tol,
+        _energy_fn=energy_fn,
+    )
+    return Solution(z.reshape(out_shape), converged.reshape(batch), stats)
+
+
+def run(flat, solver: Solver, z0: torch.Tensor, max_steps: int, tol: float | None, trace: bool):
+    """The loop on a flat batch (P, ...). Returns z, steps, residual and optional traces (flat)."""
+    P = z0.shape[0]
+    dev = z0.device
+    lasso = isinstance(flat, LassoBatch)
+    if max_steps == 0:
+        with torch.no_grad():
+            res = relative_residual(z0, flat.T(z0))
+        steps = torch.zeros(P, dtype=torch.long, device=dev)
+        return z0, steps, res, None, None
+    if tol is None:
+        return _run_fixed(flat, solver, z0, max_steps, trace, lasso)
+    if lasso:
+        return _run_compacting(flat, solver, z0, max_steps, tol, trace)
+    return _run_frozen(flat, solver, z0, max_steps, tol, trace)
+
+
+def _energy(flat, solver, state):
+    with torch.no_grad():
+        return flat.energy(solver.iterate(state))
+
+
+def _run_fixed(flat, solver, z0, max_steps, trace, lasso):
+    flat.sync_ok = False
+    state = solver.init(flat, z0)
+    rt, et = [], []
+    for _ in range(max_steps):
+        state, p, tp = solver.step(flat, state)
+        with torch.no_grad():
+            res = relative_residual(p, tp)
+        if trace:
+            rt.append(res)
+            if lasso:
+                et.append(_energy(flat, solver, state))
+    steps = torch.full((z0.shape[0],), max_steps, dtype=torch.long, device=z0.device)
+    return tp, steps, res, _stack(rt), _stack(et)
+
+
+def _run_compacting(flat: LassoBatch, solver, z0, max_steps, tol, trace):
+    P = z0.shape[0]
+    dev = z0.device
+    active = torch.arange(P, device=dev)
+    sub = flat
+    sub.sync_ok = True
+    state = solver.init(sub, z0)
+    steps = torch.zeros(P, dtype=torch.long, device=dev)
+    residual = torch.full((P,), math.inf, dtype=z0.dtype, device=dev)
+    idx_parts, val_parts, rt, et = [], [], [], []
+    for k in range(max_steps):
+        state, p, tp = solver.step(sub, state)
+        with torch.no_grad():
+            res = relative_residual(p, tp)
+        residual[active] = res
+        steps[active] = k + 1
+        if trace:
+            rt.append(_scatter_row(P, active, res))
+            et.append(_scatter_row(P, active, _energy(sub, solver, state)))
+        done = res < tol
+        if k == max_steps - 1:
+            idx_parts.append(active)
+            val_parts.append(tp)
+            break
+        if bool(done.any()):
+            finished = done.nonzero().squeeze(-1)
+            idx_parts.append(active[finished])
+            val_parts.append(tp[finished])
+            keep = (~done).nonzero().squeeze(-1)
+            if keep.numel() == 0:
+                break
+            active = active[keep]
+            sub = sub.take(keep)
+            sub.sync_ok = True
+            state = take_state(state, keep)
+    idx = torch.cat(idx_parts)
+    vals = torch.cat(val_parts)
+    z = vals.new_zeros(P, *vals.shape[1:]).index_copy(0, idx, vals)
+    return z, steps, residual, _stack(rt), _stack(et)
+
+
+def _run_frozen(flat: MapBatch, solver, z0, max_steps, tol, trace):
+    P = z0.shape[0]
+    dev = z0.device
+    state = solver.init(flat, z0)
+    frozen = torch.zeros(P, dtype=torch.bool, device=dev)
+    steps = torch.zeros(P, dtype=torch.long, device=dev)
+    residual = torch.full((P,), math.inf, dtype=z0.dtype, device=dev)
+    out, rt = None, []
+    for k in range(max_steps):
+        state, p, tp = solver.step(flat, state)
+        with torch.no_grad():
+            res = relative_residual(p, tp)
+        live = ~frozen
+        out = tp if out is None else torch.where(_expand(live, tp), tp, out)
+        residual = torch.where(live, res, residual)
+        steps = torch.where(live, torch.full_like(steps, k + 1), steps)
+        if trace:
+            rt.append(torch.where(live, res, torch.full_like(res, math.nan)))
+        frozen = frozen | (res < tol)
+        if bool(frozen.all()):
+            break
+    return out, steps, residual, _stack(rt), None
+
+
+def _expand(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return mask.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def _scatter_row(P, active, vals):
+    row = torch.full((P,), math.nan, dtype=vals.dtype, device=vals.device)
+    row[active] = vals
+    return row
+
+
+def _stack(rows):
+    return torch.stack(rows) if rows else None

@@ -1,0 +1,266 @@
+"""Sparse-coding (lasso) problems: the energy VARS minimizes and its proximal-gradient map.
+
+Per problem (every leading dim of x is one, e.g. batch x head), with X (N, C), D (N, M), Z (M, C):
+
+    E(Z) = 1/2 ||X - D Z||_F^2 + lam * ||Z||_1        (+ indicator(Z >= 0) if nonneg)
+    T(Z) = S_{eta lam}(Z - eta D^T (D Z - X)),        eta = 1 / L,  L >= ||D||_2^2
+
+The fixed point Z* = T(Z*) is the lasso minimizer (Shi et al., "Visual Attention Emerges from
+Recurrent Sparse Reconstruction", ICML 2022; Daubechies, Defrise & De Mol 2004 for ISTA).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .dictionaries.base import DictionaryOperator, check_lipschitz_mode
+from .dictionaries.dense import DenseOperator
+from .prox import active_mask, threshold
+
+__all__ = ["SparseCoding", "LassoBatch"]
+
+_EPS = 1e-12
+
+
+def _as_operator(D, x: torch.Tensor) -> DictionaryOperator:
+    if isinstance(D, DictionaryOperator):
+        return D
+    if isinstance(D, torch.Tensor):
+        return DenseOperator(D)
+    if isinstance(D, nn.Module):
+        op = D(x)
+        if not isinstance(op, DictionaryOperator):
+            raise ValueError(f"the dictionary module {type(D).__name__} did not return a DictionaryOperator")
+        return op
+    raise ValueError(
+        "D must be a tensor of atoms (..., N, M), a dictionary module or a DictionaryOperator, "
+        f"got {type(D).__name__}"
+    )
+
+
+def _check_finite(name: str, t: torch.Tensor) -> None:
+    if not bool(torch.isfinite(t).all()):
+        bad = (~torch.isfinite(t)).sum().item()
+        raise ValueError(f"{name} holds {bad} NaN or Inf value(s); sparse coding needs finite input")
+
+
+class LassoBatch:
+    """A flat batch of P lasso problems in the form the solvers use (internal).
+
+    ``b = D^T x`` is formed once; each step needs one Gram product ``G z = D^T D z``, and the
+    smooth part of the energy is 1/2 <z, G z> - <z, b> + 1/2 ||x||^2.
+    """
+
+    is_lasso = True
+
+    def __init__(self, op, x, b, lam, eta, nonneg, xnorm2):
+        self.op, self.x, self.b, self.lam, self.eta, self.nonneg, self.xnorm2 = op, x, b, lam, eta, nonneg, xnorm2
+
+    @property
+    def num_problems(self) -> int:
+        return self.b.shape[0]
+
+    def normal(self, z: torch.Tensor) -> torch.Tensor:
+        return self.op.normal(z)
+
+    def T_from(self, z: torch.Tensor, gz: torch.Tensor) -> torch.Tensor:
+        return threshold(z - self.eta * (gz - self.b), self.eta * self.lam, self.nonneg)
+
+    def T(self, z: torch.Tensor) -> torch.Tensor:
+        return self.T_from(z, self.normal(z))
+
+    def l1(self, z: torch.Tensor) -> torch.Tensor:
+        return (self.lam * z.abs()).sum((-2, -1))
+
+    def smooth_from(self, z: torch.Tensor, gz: torch.Tensor) -> torch.Tensor:
+        """1/2 ||x - D z||^2 through the Gram (for comparisons inside solvers)."""
+        return 0.5 * (z * gz).sum((-2, -1)) - (z * self.b).sum((-2, -1)) + 0.5 * self.xnorm2
+
+    def energy_from(self, z: torch.Tensor, gz: torch.Tensor) -> torch.Tensor:
+        e = self.smooth_from(z, gz) + self.l1(z)
+        if self.nonneg:
+            e = torch.where((z < 0).flatten(1).any(-1), torch.full_like(e, math.inf), e)
+        return e
+
+    def majorizer(self, z: torch.Tensor, gz: torch.Tensor, tz: torch.Tensor) -> torch.Tensor:
+        """Q(T z; z) = f(z) + <grad f(z), Tz - z> + L/2 ||Tz - z||^2 + lam ||Tz||_1 >= E(T z)."""
+        d = tz - z
+        lin = ((gz - self.b) * d).sum((-2, -1))
+        quad = 0.5 * d.pow(2).sum((-2, -1)) / self.eta.reshape(-1)
+        return self.smooth_from(z, gz) + lin + quad + self.l1(tz)
+
+    def energy(self, z: torch.Tensor) -> torch.Tensor:
+        """E(z) with the residual formed explicitly (no cancellation in ||x||^2 - ...)."""
+        r = self.x - self.op.decode(z)
+        e = 0.5 * r.pow(2).sum((-2, -1)) + self.l1(z)
+        if self.nonneg:
+            e = torch.where((z < 0).flatten(1).any(-1), torch.full_like(e, math.inf), e)
+        return e
+
+    def take(self, index: torch.Tensor) -> "LassoBatch":
+        def pick(t):
+            return t if t.shape[0] == 1 else t[index]
+
+        return LassoBatch(
+            self.op.take(index), self.x[index], self.b[index], pick(self.lam), pick(self.eta), self.nonneg,
+            self.xnorm2[index],
+        )
+
+
+class SparseCoding:
+    """The lasso problems min_Z 1/2 ||X - D Z||^2 + lam ||Z||_1, one per leading index of x.
+
+    Args:
+        D: atoms as a tensor (..., N, M), a dictionary module (bound to ``x``), or an operator
+            bound from one. Its leading dims broadcast against x's. Gradients flow to whatever
+            tensors D was built from.
+        x: signals (..., N, C); every leading dim indexes an independent problem.
+        lam: sparsity weight >= 0: a float or a tensor broadcastable to the codes (..., M, C),
+            e.g. shape (H, 1, 1) for one lam per head. May require grad.
+        nonneg: restrict codes to Z >= 0.
+        lipschitz: how L >= ||D||^2 is computed: "exact", "power" or "gershgorin".
+        check_finite: reject NaN/Inf in x, D and lam (one host sync).
+    """
+
+    def __init__(
+        self,
+        D,
+        x: torch.Tensor,
+        lam: float | torch.Tensor,
+        nonneg: bool = False,
+        lipschitz: str = "exact",
+        check_finite: bool = True,
+    ):
+        if not isinstance(x, torch.Tensor) or x.dim() < 2:
+            raise ValueError(f"x must be a tensor (..., N, C), got {getattr(x, 'shape', type(x))}")
+        check_lipschitz_mode(lipschitz)
+        op = _as_operator(D, x)
+        if op.num_tokens != x.shape[-2]:
+            raise ValueError(f"D has atoms over N={op.num_tokens} tokens but x has N={x.shape[-2]} (x: {tuple(x.shape)})")
+        batch = x.shape[:-2]
+        try:
+            full = torch.broadcast_shapes(op.batch_shape, batch)
+        except RuntimeError:
+            full = None
+        if full != batch:
+            raise ValueError(
+                f"D's leading dims {tuple(op.batch_shape)} do not broadcast to x's problem dims {tuple(batch)}"
+            )
+        if not isinstance(lam, torch.Tensor):
+            if not math.isfinite(float(lam)) or float(lam) < 0:
+                raise ValueError(f"lam must be a finite number >= 0, got {lam}")
+            lam_t = torch.as_tensor(float(lam), dtype=x.dtype, device=x.device)
+        else:
+            lam_t = lam
+        code_shape = (*batch, op.num_atoms, x.shape[-1])
+        try:
+            lam_ok = torch.broadcast_shapes(lam_t.shape, code_shape) == torch.Size(code_shape)
+        except RuntimeError:
+            lam_ok = False
+        if not lam_ok:
+            raise ValueError(f"lam of shape {tuple(lam_t.shape)} does not broadcast to the codes {code_shape}")
+        if check_finite:
+            _check_finite("x", x)
+            for t in op.tensors():
+                _check_finite("D", t)
+            _check_finite("lam", lam_t)
+            if bool((lam_t < 0).any()):
+                raise ValueError(f"lam must be >= 0, got min {lam_t.min().item():g}")
+        self.D, self.x, self.lam, self.nonneg, self.lipschitz = op, x, lam_t, bool(nonneg), lipschitz
+        self.batch_shape = batch
+        self.num_tokens, self.num_atoms, self.num_channels = op.num_tokens, op.num_atoms, x.shape[-1]
+        self._flat: LassoBatch | None = None
+
+    @property
+    def code_shape(self) -> tuple[int, ...]:
+        return (*self.batch_shape, self.num_atoms, self.num_channels)
+
+    @property
+    def num_problems(self) -> int:
+        return math.prod(self.batch_shape)
+
+    def flat(self) -> LassoBatch:
+        """The P = prod(batch) problems flattened for the solvers (built once)."""
+        if self._flat is None:
+            batch, n, c, m = self.batch_shape, self.num_tokens, self.num_channels, self.num_atoms
+            op = self.D.flatten(batch)
+            x = self.x.reshape(-1, n, c)
+            b = op.encode(x)
+            lam = _flatten_param(self.lam, batch, m, c)
+            lip = op.lipschitz(self.lipschitz).detach().reshape(-1)
+            eta = (1.0 / lip.clamp_min(torch.finfo(lip.dtype).tiny)).to(x.dtype).reshape(-1, 1, 1)
+            self._flat = LassoBatch(op, x, b, lam, eta, self.nonneg, x.pow(2).sum((-2, -1)))
+        return self._flat
+
+    def _codes(self, z: torch.Tensor) -> torch.Tensor:
+        if z.shape != torch.Size(self.code_shape):
+            raise ValueError(f"codes must have shape {self.code_shape}, got {tuple(z.shape)}")
+        return z.reshape(-1, self.num_atoms, self.num_channels)
+
+    def _batch(self, t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(self.batch_shape)
+
+    # -- public evaluations on codes z (..., M, C) -----------------------------------------
+    def energy(self, z: torch.Tensor) -> torch.Tensor:
+        """E(z) per problem, shape (...)."""
+        return self._batch(self.flat().energy(self._codes(z)))
+
+    def gradient(self, z: torch.Tensor) -> torch.Tensor:
+        """Gradient of the smooth part, D^T (D z - x)."""
+        f = self.flat()
+        zf = self._codes(z)
+        return (f.normal(zf) - f.b).reshape(self.code_shape)
+
+    def prox_grad(self, z: torch.Tensor) -> torch.Tensor:
+        """T(z) = S_{eta lam}(z - eta D^T (D z - x))."""
+        return self.flat().T(self._codes(z)).reshape(self.code_shape)
+
+    def residual(self, z: torch.Tensor) -> torch.Tensor:
+        """Relative fixed-point residual ||T(z) - z|| / max(||z||, eps) per problem."""
+        zf = self._codes(z)
+        return self._batch(relative_residual(zf, self.flat().T(zf)))
+
+    def kkt_violation(self, z: torch.Tensor) -> torch.Tensor:
+        """Largest violation of the lasso optimality conditions per problem, with g = D^T(Dz - x):
+        g_i = -lam sign(z_i) where z_i != 0 and |g_i| <= lam where z_i = 0 (nonneg: g_i = -lam where
+        z_i > 0, g_i >= -lam where z_i = 0, and z >= 0)."""
+        f = self.flat()
+        zf = self._codes(z)
+        g = f.normal(zf) - f.b
+        lam = f.lam.expand_as(g)
+        if self.nonneg:
+            on = zf > 0
+            v = torch.where(on, (g + lam).abs(), torch.relu(-(g + lam)))
+            v = torch.maximum(v, torch.relu(-zf))
+        else:
+            on = zf != 0
+            v = torch.where(on, (g + lam * torch.sign(zf)).abs(), torch.relu(g.abs() - lam))
+        return self._batch(v.flatten(1).amax(-1))
+
+    def support(self, z: torch.Tensor) -> torch.Tensor:
+        """Entries of the codes where T has slope 1 (the active set of the implicit backward)."""
+        f = self.flat()
+        zf = self._codes(z)
+        u = zf - f.eta * (f.normal(zf) - f.b)
+        return active_mask(u, f.eta * f.lam, self.nonneg).reshape(self.code_shape)
+
+
+def relative_residual(z: torch.Tensor, tz: torch.Tensor) -> torch.Tensor:
+    """||T z - z|| / max(||z||, eps) over all but the first dim."""
+    num = (tz - z).flatten(1).norm(dim=-1)
+    den = z.flatten(1).norm(dim=-1).clamp_min(_EPS)
+    return num / den
+
+
+def _flatten_param(t: torch.Tensor, batch: Sequence[int], m: int, c: int) -> torch.Tensor:
+    """A tensor broadcastable to (*batch, M, C) -> (P or 1, M or 1, C or 1) without copying shared values."""
+    nd = len(batch) + 2
+    t = t.reshape((1,) * (nd - t.dim()) + tuple(t.shape))
+    tail = t.shape[-2:]
+    if all(s == 1 for s in t.shape[:-2]):
+        return t.reshape(1, *tail)
+    return t.expand(*batch, *tail).reshape(-1, *tail)

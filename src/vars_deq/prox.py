@@ -1,0 +1,30 @@
+"""Proximal maps of the lasso penalty.
+
+``soft_threshold`` is the prox of ``t * ||.||_1``; ``nonneg_threshold`` the prox of
+``t * ||.||_1 + indicator(. >= 0)``. Both take a threshold that broadcasts against ``u``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["soft_threshold", "nonneg_threshold", "threshold"]
+
+
+def soft_threshold(u: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+    """S_t(u) = sign(u) * max(|u| - t, 0)."""
+    return torch.sign(u) * torch.relu(u.abs() - t)
+
+
+def nonneg_threshold(u: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+    """max(u - t, 0): the prox of the l1 norm restricted to the nonnegative orthant."""
+    return torch.relu(u - t)
+
+
+def threshold(u: torch.Tensor, t: torch.Tensor | float, nonneg: bool) -> torch.Tensor:
+    return nonneg_threshold(u, t) if nonneg else soft_threshold(u, t)
+
+
+def active_mask(u: torch.Tensor, t: torch.Tensor | float, nonneg: bool) -> torch.Tensor:
+    """Entries whose pre-threshold value clears the threshold (where the prox has slope 1)."""
+    return (u > t) if nonneg else (u.abs() > t)

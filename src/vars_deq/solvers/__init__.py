@@ -1,0 +1,43 @@
+"""Forward solvers and their registry (name -> factory)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from .anderson import SAFEGUARDS, Anderson
+from .base import Solver
+from .fista import RESTARTS, FISTA
+from .ista import ISTA
+
+SOLVERS: dict[str, Callable[[], Solver]] = {
+    "ista": ISTA,
+    "fista": FISTA,
+    "mfista": lambda: FISTA(monotone=True),
+    "fista_restart": lambda: FISTA(restart="function"),
+    "fista_gradient_restart": lambda: FISTA(restart="gradient"),
+    "anderson": Anderson,
+    "anderson_residual": lambda: Anderson(safeguard="residual"),
+    "anderson_plain": lambda: Anderson(safeguard=None),
+}
+
+
+def _register_torchdeq() -> None:
+    from .torchdeq_adapter import TORCHDEQ_METHODS, TorchDEQSolver
+
+    for method in TORCHDEQ_METHODS:
+        SOLVERS[f"torchdeq_{method}"] = lambda method=method: TorchDEQSolver(method)
+
+
+def make_solver(spec: str | Solver, generic: bool = False) -> Solver:
+    """A solver object from a name in SOLVERS or an instance. For a generic map ("generic"),
+    the name "anderson" means Anderson with the residual safeguard (there is no energy)."""
+    if isinstance(spec, Solver):
+        return spec
+    if not isinstance(spec, str) or spec not in SOLVERS:
+        raise ValueError(f"unknown solver {spec!r}; valid names: {sorted(SOLVERS)} (or a Solver instance)")
+    if generic and spec == "anderson":
+        return Anderson(safeguard="residual")
+    return SOLVERS[spec]()
+
+
+__all__ = ["SOLVERS", "Solver", "ISTA", "FISTA", "Anderson", "make_solver", "SAFEGUARDS", "RESTARTS"]

@@ -1,0 +1,84 @@
+"""FISTA (Beck & Teboulle, SIAM J. Imaging Sci. 2009) with its monotone variant MFISTA (Beck &
+Teboulle, IEEE TIP 2009) and adaptive restarts (O'Donoghue & Candes, FoCM 2015).
+
+    t_{k+1} = (1 + sqrt(1 + 4 t_k^2)) / 2
+    y_k     = x_k + (t_k / t_{k+1}) (u_k - x_k) + ((t_k - 1) / t_{k+1}) (x_k - x_{k-1})
+    u_{k+1} = T(y_k)
+    x_{k+1} = u_{k+1}                       (plain; then u = x and y is Nesterov's point)
+    x_{k+1} = argmin(E(u_{k+1}), E(x_k))    (monotone)
+
+Plain FISTA satisfies E(x_k) - E* <= 2 L ||x_0 - x*||^2 / (k + 1)^2 but is not monotone.
+Restart "function" resets the momentum (t = 1) when E(u_{k+1}) > E(x_k); "gradient" when
+<y_k - u_{k+1}, u_{k+1} - x_k> > 0. Restarts are per problem.
+
+The Gram products are linear, so G y is combined from G u and G x: one product per step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Solver
+
+RESTARTS = (None, "function", "gradient")
+
+
+class FISTA(Solver):
+    name = "fista"
+    needs_lasso = True
+
+    def __init__(self, restart: str | None = None, monotone: bool = False):
+        if restart not in RESTARTS:
+            raise ValueError(f"restart must be one of {RESTARTS}, got {restart!r}")
+        self.restart, self.monotone = restart, bool(monotone)
+
+    def __repr__(self) -> str:
+        return f"FISTA(restart={self.restart!r}, monotone={self.monotone})"
+
+    def init(self, problem, z0):
+        gz = problem.normal(z0)
+        # t = 0 makes the first step plain (y_1 = x_0) and sets t_1 = 1, as in Beck & Teboulle
+        t = torch.zeros(z0.shape[0], 1, 1, dtype=z0.dtype, device=z0.device)
+        state = {"x": z0, "gx": gz, "xp": z0, "gxp": gz, "u": z0, "gu": gz, "t": t}
+        if self.monotone or self.restart == "function":
+            state["ex"] = problem.energy_from(z0, gz)
+        return state
+
+    def step(self, problem, state):
+        x, gx, xp, gxp, u, gu, t = (state[k] for k in ("x", "gx", "xp", "gxp", "u", "gu", "t"))
+        t_new = 0.5 * (1 + torch.sqrt(1 + 4 * t * t))
+        a, c = t / t_new, (t - 1) / t_new
+        y = x + a * (u - x) + c * (x - xp)
+        gy = gx + a * (gu - gx) + c * (gx - gxp)
+        u_new = problem.T_from(y, gy)
+        gu_new = problem.normal(u_new)
+        new = {"u": u_new, "gu": gu_new, "xp": x, "gxp": gx}
+        if "ex" in state:
+            eu = problem.energy_from(u_new, gu_new)
+        if self.monotone:
+            keep_old = (eu > state["ex"]).reshape(-1, 1, 1)
+            new["x"] = torch.where(keep_old, x, u_new)
+            new["gx"] = torch.where(keep_old, gx, gu_new)
+            new["ex"] = torch.minimum(eu, state["ex"])
+        else:
+            new["x"], new["gx"] = u_new, gu_new
+            if "ex" in state:
+                new["ex"] = eu
+        if self.restart is not None:
+            if self.restart == "function":
+                bad = eu > state["ex"]
+            else:
+                bad = ((y - u_new) * (u_new - x)).sum((-2, -1)) > 0
+            bad = bad.reshape(-1, 1, 1)
+            # momentum off: x_{k-1} = x_k and u = x_k make the next y equal x_k
+            new["t"] = torch.where(bad, torch.ones_like(t_new), t_new)
+            new["xp"] = torch.where(bad, new["x"], new["xp"])
+            new["gxp"] = torch.where(bad, new["gx"], new["gxp"])
+            new["u"] = torch.where(bad, new["x"], new["u"])
+            new["gu"] = torch.where(bad, new["gx"], new["gu"])
+        else:
+            new["t"] = t_new
+        return new, y, u_new
+
+    def iterate(self, state):
+        return state["x"]
