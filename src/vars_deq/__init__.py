@@ -7,7 +7,9 @@ from .dictionaries import (
     PerformerDictionary,
     UnionDictionary,
 )
+from .backward import ADJOINTS, BACKWARDS, ConvergenceError, fixed_point, sparse_code
 from .equilibrium import ConvergenceWarning, Solution, SolveStats, solve
+from .layers import SparseReconstruction, configure_layers, layer_stats
 from .problems import SparseCoding
 from .solvers import FISTA, ISTA, SOLVERS, Anderson, Solver, make_solver
 
@@ -30,4 +32,12 @@ __all__ = [
     "Anderson",
     "SOLVERS",
     "make_solver",
+    "sparse_code",
+    "fixed_point",
+    "BACKWARDS",
+    "ADJOINTS",
+    "ConvergenceError",
+    "SparseReconstruction",
+    "configure_layers",
+    "layer_stats",
 ]

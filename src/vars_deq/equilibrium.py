@@ -48,6 +48,8 @@ class SolveStats:
     max_steps: int = 0
     tol: float | None = None
     _energy_fn: Callable[[], torch.Tensor] | None = field(default=None, repr=False)
+    #: filled by the implicit backward of sparse_code / fixed_point when it runs
+    adjoint: "AdjointStats | None" = None
 
     @property
     def energy(self) -> torch.Tensor | None:
@@ -62,6 +64,17 @@ class SolveStats:
     def converged_fraction(self) -> torch.Tensor:
         tol = REPORT_TOL if self.tol is None else self.tol
         return (self.residual < tol).float().mean()
+
+
+@dataclass
+class AdjointStats:
+    """Statistics of the implicit backward's adjoint solve (set when backward runs)."""
+
+    method: str = ""
+    steps: torch.Tensor | None = None
+    residual: torch.Tensor | None = None
+    converged: torch.Tensor | None = None
+    calls: int = 0
 
 
 @dataclass
@@ -131,9 +144,17 @@ def solve(
         z0: starting codes: None or "encode" (D^T x), "zeros", or a tensor (..., M, C).
         trace: record per-step residual and energy traces (one extra product per step).
 
-    Gradients flow through the steps (this is the unrolled backward); see
-    :func:`vars_deq.sparse_code` for implicit and phantom gradients.
+    Problems that stop at max_steps above ``tol`` are reported in ``Solution.converged`` and a
+    :class:`ConvergenceWarning` names them. Gradients flow through the steps (the unrolled
+    backward); see :func:`vars_deq.sparse_code` for implicit and phantom gradients.
     """
+    sol = solve_quietly(problem, solver, max_steps, tol, z0, trace)
+    warn_unconverged(sol, "solve")
+    return sol
+
+
+def solve_quietly(problem, solver="anderson", max_steps=100, tol=1e-4, z0=None, trace=False) -> Solution:
+    """:func:`solve` without the warning (callers that report convergence their own way)."""
     if not isinstance(problem, SparseCoding):
         raise ValueError(f"problem must be a SparseCoding, got {type(problem).__name__}")
     solver = make_solver(solver)
@@ -145,17 +166,21 @@ def solve(
                    energy_fn=lambda: problem.energy(z.detach().reshape(problem.code_shape)))
 
 
+def warn_unconverged(sol: Solution, what: str) -> None:
+    if sol.stats.tol is None or bool(sol.converged.all()):
+        return
+    n = int((~sol.converged).sum())
+    warnings.warn(
+        f"{what}: {n} of {sol.converged.numel()} problems did not reach tol={sol.stats.tol:g} in "
+        f"max_steps={sol.stats.max_steps} with {sol.stats.solver} (largest residual "
+        f"{sol.stats.residual.max().item():.3g}); see Solution.converged and stats.residual",
+        ConvergenceWarning,
+        stacklevel=3,
+    )
+
+
 def package(batch, out_shape, z, steps, residual, rtrace, etrace, solver, max_steps, tol, energy_fn=None) -> Solution:
-    tol_report = REPORT_TOL if tol is None else tol
-    converged = residual < tol_report
-    if tol is not None and not bool(converged.all()):
-        n = int((~converged).sum())
-        warnings.warn(
-            f"{n} of {converged.numel()} problems did not reach tol={tol:g} in max_steps={max_steps} with "
-            f"{solver!r} (largest residual {residual.max().item():.3g}); see Solution.converged and stats.residual",
-            ConvergenceWarning,
-            stacklevel=3,
-        )
+    converged = residual < (REPORT_TOL if tol is None else tol)
     stats = SolveStats(
         steps=steps.reshape(batch),
         residual=residual.reshape(batch),

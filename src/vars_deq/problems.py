@@ -173,7 +173,8 @@ class SparseCoding:
         self.D, self.x, self.lam, self.nonneg, self.lipschitz = op, x, lam_t, bool(nonneg), lipschitz
         self.batch_shape = batch
         self.num_tokens, self.num_atoms, self.num_channels = op.num_tokens, op.num_atoms, x.shape[-1]
-        self._flat: LassoBatch | None = None
+        self._flat: dict[bool, LassoBatch] = {}
+        self._eta: torch.Tensor | None = None
 
     @property
     def code_shape(self) -> tuple[int, ...]:
@@ -184,17 +185,24 @@ class SparseCoding:
         return math.prod(self.batch_shape)
 
     def flat(self) -> LassoBatch:
-        """The P = prod(batch) problems flattened for the solvers (built once)."""
-        if self._flat is None:
+        """The P = prod(batch) problems flattened for the solvers.
+
+        Built once per grad mode: a forward under no_grad (implicit, phantom) gets a graph-free
+        copy, and the differentiable one is built only for the final application of T. The step
+        eta = 1/L is computed once, without gradient (z* does not depend on it).
+        """
+        grad = torch.is_grad_enabled()
+        if grad not in self._flat:
             batch, n, c, m = self.batch_shape, self.num_tokens, self.num_channels, self.num_atoms
             op = self.D.flatten(batch)
             x = self.x.reshape(-1, n, c)
             b = op.encode(x)
             lam = _flatten_param(self.lam, batch, m, c)
-            lip = op.lipschitz(self.lipschitz).detach().reshape(-1)
-            eta = (1.0 / lip.clamp_min(torch.finfo(lip.dtype).tiny)).to(x.dtype).reshape(-1, 1, 1)
-            self._flat = LassoBatch(op, x, b, lam, eta, self.nonneg, x.pow(2).sum((-2, -1)))
-        return self._flat
+            if self._eta is None:
+                lip = op.lipschitz(self.lipschitz).detach().reshape(-1)
+                self._eta = (1.0 / lip.clamp_min(torch.finfo(lip.dtype).tiny)).to(x.dtype).reshape(-1, 1, 1)
+            self._flat[grad] = LassoBatch(op, x, b, lam, self._eta, self.nonneg, x.pow(2).sum((-2, -1)))
+        return self._flat[grad]
 
     def _codes(self, z: torch.Tensor) -> torch.Tensor:
         if z.shape != torch.Size(self.code_shape):

@@ -105,12 +105,12 @@ class Anderson(Solver):
         if lasso and problem.nonneg:
             cand = cand.clamp_min(0)
         if plain is not None:
-            cand = torch.where(plain.reshape(-1, 1, 1), tz, cand)
+            cand = torch.where(_per_problem(plain, z), tz, cand)
 
         if self.safeguard == "energy":
             g_cand = problem.normal(cand)
             accept = problem.energy_from(cand, g_cand) <= problem.majorizer(z, state["gz"], tz)
-            acc = accept.reshape(-1, 1, 1)
+            acc = _per_problem(accept, z)
             new["z"] = torch.where(acc, cand, tz)
             new["gz"] = torch.where(acc, g_cand, _normal_where_rejected(problem, tz, accept))
         else:
@@ -118,6 +118,10 @@ class Anderson(Solver):
             if lasso:
                 new["gz"] = problem.normal(cand)
         return new, z, tz
+
+
+def _per_problem(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return mask.reshape(-1, *([1] * (like.dim() - 1)))
 
 
 def _put(buf: torch.Tensor, slot: int, row: torch.Tensor) -> torch.Tensor:
