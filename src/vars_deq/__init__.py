@@ -11,7 +11,7 @@ from .backward import ADJOINTS, BACKWARDS, ConvergenceError, fixed_point, sparse
 from .equilibrium import ConvergenceWarning, Solution, SolveStats, solve
 from .layers import SparseReconstruction, configure_layers, layer_stats
 from .problems import SparseCoding
-from .solvers import FISTA, ISTA, SOLVERS, Anderson, Solver, make_solver
+from .solvers import FISTA, ISTA, SOLVERS, Anderson, Solver, TorchDEQSolver, make_solver
 
 __version__ = "0.1.0"
 
@@ -30,6 +30,7 @@ __all__ = [
     "ISTA",
     "FISTA",
     "Anderson",
+    "TorchDEQSolver",
     "SOLVERS",
     "make_solver",
     "sparse_code",

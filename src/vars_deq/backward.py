@@ -69,6 +69,14 @@ def check_backward_options(backward, adjoint, adjoint_tol, adjoint_max_steps, ph
         raise ValueError(f"on_unconverged must be one of {UNCONVERGED}, got {on_unconverged!r}")
 
 
+def _check_unrollable(solver, backward: str) -> None:
+    if backward == "unroll" and hasattr(solver, "solve_all"):
+        raise ValueError(
+            f"backward='unroll' needs a solver whose steps autograd can record; {solver!r} runs TorchDEQ's loop "
+            "without gradient: use backward='implicit' or 'phantom'"
+        )
+
+
 def _check_forward(sol: Solution, on_unconverged: str) -> None:
     """The implicit gradient is exact only at a fixed point: say so when the forward is not one."""
     if on_unconverged == "ignore":
@@ -249,6 +257,8 @@ def sparse_code(
             ``stats.adjoint`` holds the adjoint solve's steps and residual.
     """
     check_backward_options(backward, adjoint, adjoint_tol, adjoint_max_steps, phantom_steps, tau, on_unconverged)
+    solver = make_solver(solver)
+    _check_unrollable(solver, backward)
     if backward == "unroll":
         sol = solve_quietly(problem, solver, max_steps, tol, z0)
         z = sol.z
@@ -296,6 +306,7 @@ def fixed_point(
     if adjoint == "cg":
         raise ValueError("adjoint='cg' needs a symmetric system (sparse coding); use 'fixed_point' or 'anderson'")
     solver = make_solver(solver, generic=True)
+    _check_unrollable(solver, backward)
     check_loop_args(max_steps, tol)
     flat = MapBatch(f, z0.shape)
     solver.check(flat)

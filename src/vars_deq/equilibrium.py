@@ -204,6 +204,11 @@ def run(flat, solver: Solver, z0: torch.Tensor, max_steps: int, tol: float | Non
             res = relative_residual(z0, flat.T(z0))
         steps = torch.zeros(P, dtype=torch.long, device=dev)
         return z0, steps, res, None, None
+    if hasattr(solver, "solve_all"):  # a backend that owns its loop (TorchDEQ)
+        z, steps = solver.solve_all(flat, z0, max_steps, tol)
+        with torch.no_grad():
+            res = relative_residual(z, flat.T(z))
+        return z, steps, res, None, None
     if tol is None:
         return _run_fixed(flat, solver, z0, max_steps, trace, lasso)
     if lasso:

@@ -8,6 +8,7 @@ from .anderson import SAFEGUARDS, Anderson
 from .base import Solver
 from .fista import RESTARTS, FISTA
 from .ista import ISTA
+from .torchdeq_adapter import TORCHDEQ_METHODS, TorchDEQSolver
 
 SOLVERS: dict[str, Callable[[], Solver]] = {
     "ista": ISTA,
@@ -22,10 +23,11 @@ SOLVERS: dict[str, Callable[[], Solver]] = {
 
 
 def _register_torchdeq() -> None:
-    from .torchdeq_adapter import TORCHDEQ_METHODS, TorchDEQSolver
-
     for method in TORCHDEQ_METHODS:
         SOLVERS[f"torchdeq_{method}"] = lambda method=method: TorchDEQSolver(method)
+
+
+_register_torchdeq()
 
 
 def make_solver(spec: str | Solver, generic: bool = False) -> Solver:
@@ -40,4 +42,4 @@ def make_solver(spec: str | Solver, generic: bool = False) -> Solver:
     return SOLVERS[spec]()
 
 
-__all__ = ["SOLVERS", "Solver", "ISTA", "FISTA", "Anderson", "make_solver", "SAFEGUARDS", "RESTARTS"]
+__all__ = ["SOLVERS", "Solver", "ISTA", "FISTA", "Anderson", "make_solver", "SAFEGUARDS", "RESTARTS", "TorchDEQSolver", "TORCHDEQ_METHODS"]

@@ -1,20 +1,24 @@
-"""Anderson acceleration (type II; Walker & Ni, SIAM J. Numer. Anal. 2011) of the map T.
+"""Anderson acceleration (type II; Walker & Ni, SIAM J. Numer. Anal. 2011).
 
-With the last m points z_i and residuals f_i = T(z_i) - z_i, the mixing weights solve
+With the last m iterates' images g_i and residuals f_i, the mixing weights solve
 
     min_alpha || sum_i alpha_i f_i ||^2 + r ||alpha||^2   s.t.  sum_i alpha_i = 1,
 
 with the ridge r = ridge * ||F F^T||_F scaled to the residual Gram, so rescaling a problem does
-not change the iteration. The candidate is z_acc = sum_i alpha_i T(z_i) (projected on z >= 0 for
-nonnegative problems). The small system is solved in float32 or wider, whatever the autocast.
+not change the iteration; the small system is solved in float32 or wider, whatever the autocast.
+
+On a sparse-coding problem the mixing runs on the forward-step variable y = z - eta grad f(z),
+whose map y -> prox(y) - eta grad f(prox(y)) is piecewise affine, and the candidate is
+z_acc = prox(sum_i alpha_i g_i): exactly sparse, like every iterate (Mai & Johansson, "Anderson
+Acceleration of Proximal Gradient Methods", ICML 2020). On a generic map it mixes z itself.
 
 Safeguards (per problem):
     "energy":   accept z_acc only if E(z_acc) <= Q(T z; z), the value of the proximal-gradient
-                majorizer at the plain ISTA step, which bounds E(T z) from above; otherwise take
-                T z. Both branches give E(z_{k+1}) <= Q(T z_k; z_k) <= E(z_k): the energy never
+                majorizer at the plain step, which bounds E(T z) from above; otherwise take T z.
+                Both branches give E(z_{k+1}) <= Q(T z_k; z_k) <= E(z_k): the energy never
                 increases. Accepting costs one Gram product per step, rejecting two.
-    "residual": if the fixed-point residual grew since the last step, take T z and clear the
-                memory (a heuristic; works on any map).
+    "residual": if the fixed-point residual grew since the last step, take the plain step and
+                clear the memory (a heuristic; works on any map).
     None:       plain Anderson.
 """
 
@@ -23,6 +27,7 @@ from __future__ import annotations
 import torch
 
 from ..problems import relative_residual
+from ..prox import threshold
 from .base import Solver
 
 SAFEGUARDS = ("energy", "residual", None)
@@ -37,8 +42,7 @@ def mixing_weights(F: torch.Tensor, valid: torch.Tensor, ridge: float) -> torch.
     wide = _wide_dtype(F.dtype)
     Fw = F.to(wide)
     v = valid.to(wide)
-    H = Fw @ Fw.transpose(-1, -2)
-    H = H * (v[:, :, None] * v[:, None, :])
+    H = (Fw @ Fw.transpose(-1, -2)) * (v[:, :, None] * v[:, None, :])
     scale = (ridge * H.flatten(1).norm(dim=-1)).clamp_min(torch.finfo(wide).tiny * 1e8)
     eye = torch.eye(H.shape[-1], dtype=wide, device=H.device)
     H = H + eye * (v * scale[:, None] + (1 - v))[:, :, None]
@@ -51,10 +55,10 @@ class Anderson(Solver):
     name = "anderson"
 
     def __init__(self, memory: int = 5, ridge: float = 1e-4, safeguard: str | None = "energy"):
-        if not isinstance(memory, int) or memory < 1:
+        if isinstance(memory, bool) or not isinstance(memory, int) or memory < 1:
             raise ValueError(f"memory must be an int >= 1, got {memory!r}")
-        if not ridge >= 0:
-            raise ValueError(f"ridge must be >= 0, got {ridge!r}")
+        if not (isinstance(ridge, (int, float)) and ridge >= 0):
+            raise ValueError(f"ridge must be a number >= 0, got {ridge!r}")
         if safeguard not in SAFEGUARDS:
             raise ValueError(f"safeguard must be one of {SAFEGUARDS}, got {safeguard!r}")
         self.memory, self.ridge, self.safeguard = memory, float(ridge), safeguard
@@ -64,12 +68,11 @@ class Anderson(Solver):
         return f"Anderson(memory={self.memory}, ridge={self.ridge:g}, safeguard={self.safeguard!r})"
 
     def init(self, problem, z0):
-        p = z0.shape[0]
-        k = z0[0].numel()
+        p, k = z0.shape[0], z0[0].numel()
         state = {
             "z": z0,
-            "X": z0.new_zeros(p, self.memory, k),  # T(z_i), flattened
-            "F": z0.new_zeros(p, self.memory, k),  # T(z_i) - z_i
+            "G": z0.new_zeros(p, self.memory, k),  # images g_i of the mixed variable
+            "F": z0.new_zeros(p, self.memory, k),  # residuals f_i = g_i - (variable)_i
             "valid": torch.zeros(p, self.memory, dtype=torch.bool, device=z0.device),
             "count": 0,
         }
@@ -79,44 +82,61 @@ class Anderson(Solver):
             state["res"] = torch.full((p,), torch.inf, dtype=z0.dtype, device=z0.device)
         return state
 
-    def step(self, problem, state):
-        z = state["z"]
-        lasso = "gz" in state
-        tz = problem.T_from(z, state["gz"]) if lasso else problem.T(z)
-        f = tz - z
+    def _mix(self, state, image, variable, plain=None):
+        """Push (image, image - variable) into the memory and return the mixed image."""
         slot = state["count"] % self.memory
-        X = _put(state["X"], slot, tz.flatten(1))
-        F = _put(state["F"], slot, f.flatten(1))
         valid = state["valid"].clone()
-        valid[:, slot] = True
-        new = {"X": X, "F": F, "valid": valid, "count": state["count"] + 1}
-
-        plain = None
-        if self.safeguard == "residual":
-            res = relative_residual(z, tz)
-            plain = res > state["res"]
-            only_last = torch.zeros_like(valid)
-            only_last[:, slot] = True
-            valid = torch.where(plain[:, None], only_last, valid)
-            new["valid"], new["res"] = valid, res
-
-        alpha = mixing_weights(F, valid, self.ridge)
-        cand = torch.einsum("pm,pmk->pk", alpha, X).reshape_as(z)
-        if lasso and problem.nonneg:
-            cand = cand.clamp_min(0)
+        if variable is not None:  # no residual yet on the very first lasso step
+            G = _put(state["G"], slot, image.flatten(1))
+            F = _put(state["F"], slot, (image - variable).flatten(1))
+            valid[:, slot] = True
+            if plain is not None:
+                only_last = torch.zeros_like(valid)
+                only_last[:, slot] = True
+                valid = torch.where(plain[:, None], only_last, valid)
+        else:
+            G, F = state["G"], state["F"]
+        new = {"G": G, "F": F, "valid": valid, "count": state["count"] + int(variable is not None)}
+        if variable is None:
+            return new, image
+        mixed = torch.einsum("pm,pmk->pk", mixing_weights(F, valid, self.ridge), G).reshape_as(image)
         if plain is not None:
-            cand = torch.where(_per_problem(plain, z), tz, cand)
+            mixed = torch.where(_per_problem(plain, image), image, mixed)
+        return new, mixed
 
+    def step(self, problem, state):
+        if "gz" in state:
+            return self._step_lasso(problem, state)
+        z = state["z"]
+        tz = problem.T(z)
+        plain, extra = self._residual_guard(state, z, tz)
+        new, cand = self._mix(state, tz, z, plain)
+        new.update(extra, z=cand)
+        return new, z, tz
+
+    def _residual_guard(self, state, z, tz):
+        if self.safeguard != "residual":
+            return None, {}
+        res = relative_residual(z, tz)
+        return res > state["res"], {"res": res}
+
+    def _step_lasso(self, problem, state):
+        z, gz = state["z"], state["gz"]
+        y_image = z - problem.eta * (gz - problem.b)  # forward step at z
+        tz = threshold(y_image, problem.eta * problem.lam, problem.nonneg)
+        plain, extra = self._residual_guard(state, z, tz)
+        new, y_mix = self._mix(state, y_image, state.get("y"), plain)
+        new.update(extra)
+        cand = threshold(y_mix, problem.eta * problem.lam, problem.nonneg)
+        g_cand = problem.normal(cand)
         if self.safeguard == "energy":
-            g_cand = problem.normal(cand)
-            accept = problem.energy_from(cand, g_cand) <= problem.majorizer(z, state["gz"], tz)
+            accept = problem.energy_from(cand, g_cand) <= problem.majorizer(z, gz, tz)
             acc = _per_problem(accept, z)
             new["z"] = torch.where(acc, cand, tz)
+            new["y"] = torch.where(acc, y_mix, y_image)
             new["gz"] = torch.where(acc, g_cand, _normal_where_rejected(problem, tz, accept))
         else:
-            new["z"] = cand
-            if lasso:
-                new["gz"] = problem.normal(cand)
+            new["z"], new["y"], new["gz"] = cand, y_mix, g_cand
         return new, z, tz
 
 
@@ -133,14 +153,14 @@ def _put(buf: torch.Tensor, slot: int, row: torch.Tensor) -> torch.Tensor:
 
 
 def _normal_where_rejected(problem, tz: torch.Tensor, accept: torch.Tensor) -> torch.Tensor:
-    """G T(z) where the candidate was rejected. Problems that accepted never read it, so when a
-    host sync is allowed only the rejected ones pay for the product."""
+    """G T(z) where the candidate was rejected (accepted problems never read it). When a host
+    sync is allowed and few problems rejected, only those pay for the product."""
     if not getattr(problem, "sync_ok", False):
         return problem.normal(tz)
     rejected = (~accept).nonzero().squeeze(-1)
-    out = torch.zeros_like(tz)
-    if rejected.numel() == 0:
-        return out
-    if rejected.numel() == accept.numel():
+    n = rejected.numel()
+    if n == 0:
+        return torch.zeros_like(tz)
+    if 2 * n > accept.numel():
         return problem.normal(tz)
-    return out.index_copy(0, rejected, problem.take(rejected).normal(tz[rejected]))
+    return torch.zeros_like(tz).index_copy(0, rejected, problem.take(rejected).normal(tz[rejected]))
