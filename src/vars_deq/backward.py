@@ -117,12 +117,14 @@ def conjugate_gradient(apply_A, rhs, tol, max_steps):
             break
         ap = apply_A(p)
         pap = (p * ap).sum(-2, keepdim=True)
-        alpha = torch.where(pap > 0, rr / pap.clamp_min(torch.finfo(rhs.dtype).tiny), torch.zeros_like(pap))
+        # problems already below tol stop moving (alpha = 0, direction kept), so their steps count is exact
+        on = live.reshape(-1, *([1] * (rhs.dim() - 1)))
+        alpha = torch.where(on & (pap > 0), rr / pap.clamp_min(torch.finfo(rhs.dtype).tiny), torch.zeros_like(pap))
         x = x + alpha * p
         r = r - alpha * ap
         rr_new = (r * r).sum(-2, keepdim=True)
         beta = rr_new / rr.clamp_min(torch.finfo(rhs.dtype).tiny)
-        p = r + beta * p
+        p = torch.where(on, r + beta * p, p)
         rr = rr_new
         steps = steps + live.long()
         rel = (rr.sqrt() / rhs_norm).flatten(1).amax(-1)
@@ -152,9 +154,12 @@ def _lasso_adjoint(flat: LassoBatch, zs, g, method, tol, max_steps):
 
 
 def _iterate_adjoint(adjoint_map, g, method, tol, max_steps, mask=None):
+    """Fixed-point or Anderson iteration on u = g + J^T u; the residual ||u_next - u|| is measured
+    relative to ||g|| (the right-hand side), the same criterion as the CG adjoint's."""
     solver = ISTA() if method == "fixed_point" else Anderson(safeguard="residual")
     flat = MapBatch(adjoint_map, g.shape)
-    u, steps, res, _, _ = run(flat, solver, g, max_steps, tol, False)
+    scale = g.flatten(1).norm(dim=-1).clamp_min(torch.finfo(g.dtype).tiny)
+    u, steps, res, _, _ = run(flat, solver, g, max_steps, tol, False, residual_scale=scale)
     if mask is not None:
         u = mask * u  # off the support dT/dtheta is zero, so only u_S matters
     return u, steps, res

@@ -133,6 +133,7 @@ def solve(
     tol: float | None = 1e-4,
     z0: torch.Tensor | str | None = None,
     trace: bool = False,
+    per_problem: bool = True,
 ) -> Solution:
     """Solve a batch of sparse-coding problems to their fixed points.
 
@@ -143,17 +144,19 @@ def solve(
         tol: per-problem relative residual to stop at; None runs exactly max_steps (no syncs).
         z0: starting codes: None or "encode" (D^T x), "zeros", or a tensor (..., M, C).
         trace: record per-step residual and energy traces (one extra product per step).
+        per_problem: stop each problem on its own and drop it from the batch (default); False
+            iterates the whole batch until every problem is below tol (for comparisons).
 
     Problems that stop at max_steps above ``tol`` are reported in ``Solution.converged`` and a
     :class:`ConvergenceWarning` names them. Gradients flow through the steps (the unrolled
     backward); see :func:`vars_deq.sparse_code` for implicit and phantom gradients.
     """
-    sol = solve_quietly(problem, solver, max_steps, tol, z0, trace)
+    sol = solve_quietly(problem, solver, max_steps, tol, z0, trace, per_problem)
     warn_unconverged(sol, "solve")
     return sol
 
 
-def solve_quietly(problem, solver="anderson", max_steps=100, tol=1e-4, z0=None, trace=False) -> Solution:
+def solve_quietly(problem, solver="anderson", max_steps=100, tol=1e-4, z0=None, trace=False, per_problem=True):
     """:func:`solve` without the warning (callers that report convergence their own way)."""
     if not isinstance(problem, SparseCoding):
         raise ValueError(f"problem must be a SparseCoding, got {type(problem).__name__}")
@@ -161,7 +164,8 @@ def solve_quietly(problem, solver="anderson", max_steps=100, tol=1e-4, z0=None, 
     check_loop_args(max_steps, tol)
     flat = problem.flat()
     solver.check(flat)
-    z, steps, residual, rtrace, etrace = run(flat, solver, initial_codes(problem, z0), max_steps, tol, trace)
+    z, steps, residual, rtrace, etrace = run(flat, solver, initial_codes(problem, z0), max_steps, tol, trace,
+                                             per_problem)
     return package(problem.batch_shape, problem.code_shape, z, steps, residual, rtrace, etrace, solver, max_steps, tol,
                    energy_fn=lambda: problem.energy(z.detach().reshape(problem.code_shape)))
 
@@ -194,8 +198,12 @@ def package(batch, out_shape, z, steps, residual, rtrace, etrace, solver, max_st
     return Solution(z.reshape(out_shape), converged.reshape(batch), stats)
 
 
-def run(flat, solver: Solver, z0: torch.Tensor, max_steps: int, tol: float | None, trace: bool):
-    """The loop on a flat batch (P, ...). Returns z, steps, residual and optional traces (flat)."""
+def run(flat, solver: Solver, z0: torch.Tensor, max_steps: int, tol: float | None, trace: bool,
+        per_problem: bool = True, residual_scale: torch.Tensor | None = None):
+    """The loop on a flat batch (P, ...). Returns z, steps, residual and optional traces (flat).
+
+    ``residual_scale`` (P,) replaces ||p|| as the residual's denominator (adjoint solves measure
+    against the right-hand side); only the whole-batch loop of generic maps takes it."""
     P = z0.shape[0]
     dev = z0.device
     lasso = isinstance(flat, LassoBatch)
@@ -211,9 +219,9 @@ def run(flat, solver: Solver, z0: torch.Tensor, max_steps: int, tol: float | Non
         return z, steps, res, None, None
     if tol is None:
         return _run_fixed(flat, solver, z0, max_steps, trace, lasso)
-    if lasso:
+    if lasso and per_problem:
         return _run_compacting(flat, solver, z0, max_steps, tol, trace)
-    return _run_frozen(flat, solver, z0, max_steps, tol, trace)
+    return _run_frozen(flat, solver, z0, max_steps, tol, trace, residual_scale)
 
 
 def _energy(flat, solver, state):
@@ -278,7 +286,9 @@ def _run_compacting(flat: LassoBatch, solver, z0, max_steps, tol, trace):
     return z, steps, residual, _stack(rt), _stack(et)
 
 
-def _run_frozen(flat: MapBatch, solver, z0, max_steps, tol, trace):
+def _run_frozen(flat, solver, z0, max_steps, tol, trace, residual_scale=None):
+    """Whole-batch iteration until every problem is below tol; stopped problems keep their output."""
+    flat.sync_ok = False
     P = z0.shape[0]
     dev = z0.device
     state = solver.init(flat, z0)
@@ -289,7 +299,7 @@ def _run_frozen(flat: MapBatch, solver, z0, max_steps, tol, trace):
     for k in range(max_steps):
         state, p, tp = solver.step(flat, state)
         with torch.no_grad():
-            res = relative_residual(p, tp)
+            res = relative_residual(p, tp) if residual_scale is None else (tp - p).flatten(1).norm(dim=-1) / residual_scale
         live = ~frozen
         out = tp if out is None else torch.where(_expand(live, tp), tp, out)
         residual = torch.where(live, res, residual)

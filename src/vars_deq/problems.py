@@ -176,6 +176,11 @@ class SparseCoding:
         self._flat: dict[bool, LassoBatch] = {}
         self._eta: torch.Tensor | None = None
 
+    def to(self, dtype: torch.dtype) -> "SparseCoding":
+        """The same problems in another dtype, detached (for reference solves)."""
+        return SparseCoding(self.D.to(dtype), self.x.detach().to(dtype), self.lam.detach().to(dtype),
+                            nonneg=self.nonneg, lipschitz=self.lipschitz, check_finite=False)
+
     @property
     def code_shape(self) -> tuple[int, ...]:
         return (*self.batch_shape, self.num_atoms, self.num_channels)

@@ -63,6 +63,10 @@ class DictionaryOperator:
         """The tensors the operator is built from (for finiteness checks)."""
         raise NotImplementedError
 
+    def to(self, dtype: torch.dtype) -> "DictionaryOperator":
+        """The same operator in another floating dtype (e.g. a float64 reference solve)."""
+        raise NotImplementedError
+
     # -- dense views and bounds ----------------------------------------------------------
     def materialize(self) -> torch.Tensor:
         """The explicit atoms (*batch, N, M): decode of the identity. For tests and small sizes."""

@@ -152,6 +152,9 @@ class ConvOperator(DictionaryOperator):
     def tensors(self):
         return [self.kernels]
 
+    def to(self, dtype):
+        return ConvOperator(self.kernels.to(dtype), self.grid, self.padding, self.num_prefix, fft_size=self.fft_size)
+
     @property
     def dtype(self):
         return self.kernels.dtype

@@ -62,6 +62,9 @@ class DenseOperator(DictionaryOperator):
     def tensors(self) -> list[torch.Tensor]:
         return [self.weight]
 
+    def to(self, dtype: torch.dtype) -> "DenseOperator":
+        return DenseOperator(self.weight.to(dtype), use_gram=self.use_gram)
+
     def materialize(self) -> torch.Tensor:
         return self.weight
 

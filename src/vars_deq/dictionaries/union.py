@@ -37,6 +37,9 @@ class UnionOperator(DictionaryOperator):
     def tensors(self):
         return self.a.tensors() + self.b.tensors()
 
+    def to(self, dtype):
+        return UnionOperator(self.a.to(dtype), self.b.to(dtype))
+
     @property
     def dtype(self):
         return self.a.dtype

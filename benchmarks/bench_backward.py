@@ -1,0 +1,597 @@
+"""Forward+backward cost of the three backward modes on VARS-shaped problems (issue 3).
+
+A SparseReconstruction with a PerformerDictionary (head_dim 64, M = 128 atoms) over B x H lasso
+problems of N = 196 tokens and C = 64 channels, queries and values requiring grad, fixed forward
+steps (tol=None). For each backward mode and number of forward steps it records peak memory and
+the median forward and backward times:
+
+- CPU: each configuration's memory is measured in its own process, forked from the driver
+  after the imports and before the driver computes anything: the baseline is the RSS after
+  input creation and a tiny warm-up (which pages in the autograd engine, LAPACK and kernels:
+  costs that do not depend on the configuration), then the peak RSS of one forward+backward.
+  The peak is VmHWM, reset after the baseline, because a Linux child's ru_maxrss starts at its
+  parent's resident size (ru_maxrss figures are reported too). glibc runs with a fixed 64 KiB
+  mmap threshold so freed tensors leave the RSS at once and the peak follows the live tensors
+  rather than the heap's fragmentation history (--malloc-default turns this off).
+- CUDA: torch.cuda.max_memory_allocated after reset_peak_memory_stats, minus the allocated
+  memory before the run.
+- Times are taken in the driver process: median of --repeats after one untimed run, forward and
+  backward separately, device-synchronized, plus process CPU time (robust to a busy machine).
+
+It also counts the adjoint work of the implicit backward at convergence (float64, forward to
+relative residual 1e-8): Gram products of adjoint="cg" versus "fixed_point" (and "anderson") to
+reach adjoint_tol=1e-6, read from ``sol.stats.adjoint.steps`` and cross-checked by counting
+calls of the operator's Gram product during ``backward()``.
+
+    python benchmarks/bench_backward.py               # CPU or CUDA, whichever is there
+    python benchmarks/bench_backward.py --quick       # a smoke run
+
+Results: benchmarks/results/<device>/backward.json and backward.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+import vars_deq as vd  # noqa: E402
+from vars_deq.dictionaries.dense import DenseOperator  # noqa: E402
+from vars_deq.prox import active_mask  # noqa: E402
+
+MODES = ("implicit", "unroll", "phantom")
+DEFAULT_STEPS = (5, 20, 30, 50, 100, 200)
+SHAPE = {"B": 8, "H": 3, "N": 196, "C": 64, "head_dim": 64, "M": 128}
+LAM = 0.3
+TARGET_MEM_RATIO = 1.05
+TARGET_TIME_RATIO = 0.5
+TIME_STEPS = 30
+ADJOINT_TOL = 1e-6
+MMAP_THRESHOLD = 65536
+
+
+# -- one configuration (memory: in a forked child on CPU, in-process on CUDA) -------------------
+
+
+def make_inputs(shape: dict, device: torch.device, dtype: torch.dtype, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    B, H, N, C, d = shape["B"], shape["H"], shape["N"], shape["C"], shape["head_dim"]
+    q = torch.randn(B, H, N, d, generator=gen).to(device, dtype).requires_grad_()
+    v = torch.randn(B, H, N, C, generator=gen).to(device, dtype).requires_grad_()
+    w = torch.randn(B, H, N, C, generator=gen).to(device, dtype)  # fixed cotangent: loss = <w, D z*>
+    dictionary = vd.PerformerDictionary(d, num_features=shape["M"], num_heads=H).to(device)
+    return dictionary, q, v, w
+
+
+def make_layer(dictionary, cfg):
+    return vd.SparseReconstruction(
+        dictionary, lam=LAM, solver=cfg["solver"], max_steps=cfg["steps"], tol=None, backward=cfg["mode"],
+        # short fixed-step forwards are not equilibria; the cost is what is measured here
+        on_unconverged="ignore", phantom_steps=cfg["phantom_steps"], tau=cfg["tau"],
+        adjoint_tol=cfg.get("adjoint_tol", 1e-6),
+    )
+
+
+class Case:
+    """One configuration ready to run: loss = <w, layer(v, source=q)>, gradients to q and v."""
+
+    def __init__(self, cfg: dict):
+        self.device, self.dtype = torch.device(cfg["device"]), getattr(torch, cfg["dtype"])
+        torch.manual_seed(cfg["seed"])
+        self.dictionary, self.q, self.v, self.w = make_inputs(SHAPE, self.device, self.dtype, cfg["seed"])
+        self.layer = make_layer(self.dictionary, cfg)
+
+    def forward(self) -> torch.Tensor:
+        return (self.layer(self.v, source=self.q) * self.w).sum()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.q.grad = self.v.grad = None
+        loss.backward()
+
+    def grads_ok(self) -> bool:
+        return all(t.grad is not None and bool(torch.isfinite(t.grad).all()) and bool(t.grad.abs().sum() > 0)
+                   for t in (self.q, self.v))
+
+
+def set_threads(cfg: dict) -> None:
+    if cfg["threads"]:
+        torch.set_num_threads(cfg["threads"])
+
+
+def measure_memory(cfg: dict) -> dict:
+    """Peak memory of one forward+backward above a baseline taken after the inputs exist.
+
+    On CPU this runs in a forked child (its own process), so the peak is this configuration's.
+    """
+    set_threads(cfg)
+    warnings.simplefilter("ignore", vd.ConvergenceWarning)
+    cpu = torch.device(cfg["device"]).type == "cpu"
+    fixed_mmap = cpu and not cfg["malloc_default"] and common.fixed_mmap_threshold(MMAP_THRESHOLD)
+    case = Case(cfg)
+    if case.device.type == "cuda":
+        case.backward(case.forward())  # cuBLAS handles and workspaces belong to the baseline
+        torch.cuda.synchronize(case.device)
+        torch.cuda.reset_peak_memory_stats(case.device)
+        base = torch.cuda.memory_allocated(case.device) / 2**20
+    else:
+        # page in the autograd engine, LAPACK and kernels on a tiny problem, so the delta is the configuration's
+        tiny = dict(SHAPE, B=1, N=16)
+        t_dict, t_q, t_v, t_w = make_inputs(tiny, case.device, case.dtype, cfg["seed"])
+        (make_layer(t_dict, dict(cfg, steps=2))(t_v, source=t_q) * t_w).sum().backward()
+        del t_dict, t_q, t_v, t_w
+        gc.collect()
+        ru_base = common.peak_rss_mib()
+        own = common.reset_peak_rss() and common.rss_status()
+        base = own["VmRSS"] if own else ru_base
+    case.backward(case.forward())
+    if case.device.type == "cuda":
+        torch.cuda.synchronize(case.device)
+        peak = torch.cuda.max_memory_allocated(case.device) / 2**20
+        out = {"memory_source": "torch.cuda.max_memory_allocated"}
+    else:
+        ru_peak = common.peak_rss_mib()
+        peak = common.rss_status()["VmHWM"] if own else ru_peak
+        out = {"memory_source": "VmHWM (reset after the baseline)" if own else "ru_maxrss",
+               "malloc_fixed_mmap_threshold": fixed_mmap,
+               "ru_maxrss_peak_mib": ru_peak, "ru_maxrss_baseline_mib": ru_base,
+               "ru_maxrss_delta_mib": ru_peak - ru_base}
+    return {"peak_mib": peak, "baseline_mib": base, "peak_delta_mib": peak - base, **out,
+            "grads_reach_queries_and_values": case.grads_ok()}
+
+
+def measure_time(cfg: dict) -> dict:
+    """Median forward and backward time (wall clock, device-synchronized, and process CPU time)."""
+    set_threads(cfg)
+    case = Case(cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", vd.ConvergenceWarning)  # float32 adjoints: recorded below instead
+        case.backward(case.forward())  # untimed warm-up
+        fwd, bwd, fwd_cpu, bwd_cpu = [], [], [], []
+        for _ in range(cfg["repeats"]):
+            c0 = time.process_time()
+            loss, tf = common.timed(case.forward, case.device)
+            c1 = time.process_time()
+            _, tb = common.timed(lambda: case.backward(loss), case.device)
+            c2 = time.process_time()
+            fwd.append(tf)
+            bwd.append(tb)
+            fwd_cpu.append(c1 - c0)
+            bwd_cpu.append(c2 - c1)
+            del loss
+    out = {
+        "forward_s": common.median(fwd),
+        "backward_s": common.median(bwd),
+        "forward_all_s": fwd,
+        "backward_all_s": bwd,
+        "forward_cpu_s": common.median(fwd_cpu),
+        "backward_cpu_s": common.median(bwd_cpu),
+        "forward_residual_max": float(case.layer.last_stats["residual"]),
+    }
+    adj = case.layer.last_solution.stats.adjoint
+    if adj is not None and adj.steps is not None:
+        out["adjoint"] = {
+            "method": adj.method,
+            "steps_mean": adj.steps.float().mean().item(),
+            "steps_max": int(adj.steps.max()),
+            "residual_max": adj.residual.max().item(),
+            "converged_fraction": adj.converged.float().mean().item(),
+        }
+    return out
+
+
+# -- adjoint work at convergence ----------------------------------------------------------------
+
+
+class GramCounter:
+    """Counts DenseOperator.normal calls (batched Gram products G z over all P problems) while active."""
+
+    def __enter__(self):
+        self.calls, self._orig = 0, DenseOperator.normal
+        counter = self
+
+        def normal(op, z):
+            counter.calls += 1
+            return counter._orig(op, z)
+
+        DenseOperator.normal = normal
+        return self
+
+    def __exit__(self, *exc):
+        DenseOperator.normal = self._orig
+
+
+def capture_adjoint(z: torch.Tensor) -> dict:
+    """After backward, ``store["u"]`` is the adjoint u that the implicit node hands to autograd (the
+    gradient with respect to its first input, the differentiable application of T)."""
+    node = z.grad_fn
+    while node is not None and "ImplicitLasso" not in node.name():
+        node = node.next_functions[0][0]
+    if node is None:
+        raise RuntimeError("no implicit backward node behind z")
+    store: dict = {}
+
+    def keep(grad_inputs, grad_outputs):
+        store["u"] = grad_inputs[0]
+
+    node.register_hook(keep)
+    return store
+
+
+def active_set(flat, zs):
+    with torch.no_grad():
+        pre = zs - flat.eta * (flat.op.normal(zs) - flat.b)
+        return active_mask(pre, flat.eta * flat.lam, flat.nonneg).to(zs.dtype)
+
+
+def system_residual(flat, mask, g, u):
+    """max over (problem, column) of ||eta G_SS u_S - g_S|| / ||g_S||: one yardstick for every
+    adjoint (CG reports exactly this; the fixed-point loop reports ||T(u) - u|| / ||u||)."""
+    with torch.no_grad():
+        r = mask * (flat.eta * flat.op.normal(mask * u) - g)
+        rel = r.norm(dim=-2) / (mask * g).norm(dim=-2).clamp_min(1e-300)
+        return rel.amax(-1)
+
+
+def spectral_prediction(flat, mask, tol):
+    """Iterations the adjoint solves need on the support S of each code column, from the spectrum
+    of eta G_SS (its eigenvalues lie in (0, 1]):
+
+    fixed point u <- g + (I - eta G_SS) u contracts the error by rho = 1 - eta lambda_min each step,
+    so it needs ln(tol) / ln(rho) steps; CG needs at most sqrt(kappa)/2 ln(2/tol) (kappa the
+    condition number of G_SS), the classical bound.
+    """
+    with torch.no_grad():
+        G = flat.eta * flat.op.gram  # (P, M, M); the dense Performer operator keeps its Gram
+        P, M, C = mask.shape
+        m = mask.transpose(1, 2).reshape(P, C, M, 1)
+        on = m.squeeze(-1)
+        # off the support put trace(G_SS)/|S| (the mean eigenvalue, inside G_SS's spectrum) on the
+        # diagonal, so the extreme eigenvalues of A are those of G_SS
+        count = on.sum(-1)
+        mean_ev = torch.where(count > 0, (on * G.diagonal(dim1=-2, dim2=-1)[:, None]).sum(-1) / count.clamp_min(1),
+                              torch.ones_like(count))
+        A = m * G[:, None] * m.transpose(-1, -2) + torch.diag_embed((1 - on) * mean_ev[..., None])
+        ev = torch.linalg.eigvalsh(A)
+        lo, hi = ev[..., 0].clamp_min(1e-300), ev[..., -1]
+        fixed = math.log(tol) / torch.log1p(-lo).clamp_max(-1e-300)
+        cg = 0.5 * torch.sqrt(hi / lo) * math.log(2 / tol)
+        return {
+            "eta_lambda_min_SS": {"min": lo.min().item(), "median": lo.median().item()},
+            "kappa_SS": {"median": (hi / lo).median().item(), "max": (hi / lo).max().item()},
+            "fixed_point_steps_predicted": {"median": fixed.median().item(), "max": fixed.max().item()},
+            "cg_steps_bound": {"median": cg.median().item(), "max": cg.max().item()},
+        }
+
+
+def adjoint_study(args, device: torch.device) -> dict:
+    dtype = torch.float64
+    dictionary, q, v, _ = make_inputs(SHAPE, device, dtype, args.seed)
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    B, H, M, C = SHAPE["B"], SHAPE["H"], SHAPE["M"], SHAPE["C"]
+    wz = torch.randn(B, H, M, C, generator=gen).to(device, dtype)  # cotangent on the codes
+
+    def problem():
+        return vd.SparseCoding(dictionary(q), v, LAM, check_finite=False)
+
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        ref = vd.solve(problem(), solver=args.adjoint_forward, max_steps=args.adjoint_forward_steps, tol=1e-8)
+    forward_s = time.perf_counter() - t0
+    if not bool(ref.converged.all()):
+        raise RuntimeError(f"forward did not reach 1e-8 in {args.adjoint_forward_steps} steps; raise --adjoint-forward-steps")
+    zstar = ref.z.detach()
+    out = {
+        "dtype": "float64",
+        "forward": {"solver": args.adjoint_forward, "tol": 1e-8, "steps_mean": ref.stats.steps.float().mean().item(),
+                    "steps_max": int(ref.stats.steps.max()), "residual_max": ref.stats.residual.max().item(),
+                    "seconds": forward_s},
+        "adjoint_tol": ADJOINT_TOL,
+        "adjoint_max_steps": args.adjoint_max_steps,
+        "products_per_step": {
+            "cg": "1: conjugate_gradient calls apply_A(p) once per iteration, apply_A(v) = mask*normal(mask*v) + (1-mask)*v",
+            "fixed_point": "1: ISTA on MapBatch(adjoint_map) evaluates the map once per step; "
+                           "adjoint_map(u) = g + M u - eta*normal(M u)",
+            "anderson": "1: Anderson on a generic MapBatch evaluates T once per step (residual safeguard, no Gram of its own)",
+            "shared": "+1 for every method: _lasso_adjoint forms normal(z*) once to find the active set",
+            "counted": "gram_calls_counted = DenseOperator.normal calls during backward(): 1 + the loop's batched "
+                       "iterations. It can exceed 1 + steps_max for CG: converged problems stay in the batch and CG's "
+                       "residual is not monotone, so a problem can drop below tol and rise above it again; its "
+                       "steps then miss the iterations in between",
+        },
+        "methods": {},
+    }
+    for method in args.adjoints:
+        prob = problem()
+        # warm start at z*: the forward confirms the equilibrium and the implicit backward attaches there
+        z, sol = vd.sparse_code(prob, solver=args.adjoint_forward, backward="implicit", max_steps=10, tol=1e-8,
+                                z0=zstar, adjoint=method, adjoint_tol=ADJOINT_TOL,
+                                adjoint_max_steps=args.adjoint_max_steps, on_unconverged="error", return_solution=True)
+        loss = (z * wz).sum()
+        captured = capture_adjoint(z)
+        q.grad = v.grad = None
+        with warnings.catch_warnings(record=True) as caught, GramCounter() as counter:
+            warnings.simplefilter("always", vd.ConvergenceWarning)
+            t0 = time.perf_counter()
+            loss.backward()
+            common.sync(device)
+            seconds = time.perf_counter() - t0
+        adj = sol.stats.adjoint
+        flat = prob.flat()
+        zs = sol.z.detach().reshape(flat.b.shape)
+        g = wz.reshape(flat.b.shape)
+        mask = active_set(flat, zs)
+        out["methods"][method] = {
+            "steps_mean": adj.steps.float().mean().item(),
+            "steps_max": int(adj.steps.max()),
+            "own_residual_max": adj.residual.max().item(),
+            "own_residual_definition": ("||r|| / ||rhs|| per code column, max over columns" if method == "cg"
+                                        else "||T(u) - u|| / ||u|| over the whole code (the solve loop's residual)"),
+            "converged": bool(adj.converged.all()),
+            "converged_fraction": adj.converged.float().mean().item(),
+            "gram_calls_counted": counter.calls,
+            "system_residual_max": system_residual(flat, mask, g, captured["u"]).max().item(),
+            "backward_s": seconds,
+            "warnings": [str(w.message) for w in caught],
+            "grads_reach_queries_and_values": all(t.grad is not None and bool(torch.isfinite(t.grad).all())
+                                                  for t in (q, v)),
+        }
+    out["support_fraction"] = mask.mean().item()
+    out["spectrum"] = spectral_prediction(flat, mask, ADJOINT_TOL)
+    return out
+
+
+# -- driver -------------------------------------------------------------------------------------
+
+
+def config(args, device, mode, solver, steps, **extra):
+    return {"mode": mode, "solver": solver, "steps": steps, "device": str(device), "dtype": "float32",
+            "repeats": args.repeats, "seed": args.seed, "phantom_steps": args.phantom_steps, "tau": args.tau,
+            "threads": args.threads, "malloc_default": args.malloc_default, **extra}
+
+
+def memory_of(cfg, device) -> dict:
+    return common.run_forked(measure_memory, cfg) if device.type == "cpu" else measure_memory(cfg)
+
+
+def describe(cfg) -> dict:
+    return {**{k: cfg[k] for k in ("mode", "solver", "steps")},
+            "adjoint_tol": cfg.get("adjoint_tol", ADJOINT_TOL) if cfg["mode"] == "implicit" else None,
+            "threads": torch.get_num_threads()}
+
+
+def sweep(args, device: torch.device) -> tuple[list[dict], list[dict]]:
+    cfgs = [config(args, device, mode, solver, steps)
+            for solver in args.solvers for mode in MODES for steps in args.steps]
+    rows = []
+    print("peak memory (one forward+backward" + (", fresh process each):" if device.type == "cpu" else "):"))
+    for cfg in cfgs:
+        t0 = time.perf_counter()
+        rows.append({**describe(cfg), **memory_of(cfg, device)})
+        r = rows[-1]
+        print(f"  {r['solver']:8s} {r['mode']:8s} steps={r['steps']:4d}  peak {r['peak_mib']:8.1f} MiB, "
+              f"+{r['peak_delta_mib']:7.1f} above baseline  [{time.perf_counter() - t0:.1f} s]", flush=True)
+    print(f"time (median of {args.repeats}):")
+    # the time target at adjoint_tol 1e-6 is a choice: also show what looser adjoint solves cost
+    variants = [describe(config(args, device, "implicit", solver, TIME_STEPS, adjoint_tol=t))
+                for solver in args.solvers for t in args.variant_adjoint_tols]
+    for row in rows + variants:
+        t0 = time.perf_counter()
+        cfg = config(args, device, row["mode"], row["solver"], row["steps"],
+                     **({"adjoint_tol": row["adjoint_tol"]} if row["adjoint_tol"] else {}))
+        row.update(measure_time(cfg))
+        adj = row.get("adjoint")
+        print(f"  {row['solver']:8s} {row['mode']:8s} steps={row['steps']:4d}"
+              + (f" adjoint_tol={row['adjoint_tol']:.0e}" if adj else "")
+              + f"  fwd {row['forward_s'] * 1e3:8.1f} ms  bwd {row['backward_s'] * 1e3:8.1f} ms"
+              + (f"  (CG {adj['steps_max']} steps)" if adj else "") + f"  [{time.perf_counter() - t0:.1f} s]",
+              flush=True)
+    return rows, variants
+
+
+def find(rows, solver, mode, steps):
+    for r in rows:
+        if (r["solver"], r["mode"], r["steps"]) == (solver, mode, steps):
+            return r
+    return None
+
+
+def targets(rows, adj, steps) -> list[dict]:
+    checks = []
+    lo, hi = min(steps), max(steps)
+    for solver in sorted({r["solver"] for r in rows}):
+        a, b = find(rows, solver, "implicit", lo), find(rows, solver, "implicit", hi)
+        if a and b and lo != hi:
+            ratio = b["peak_delta_mib"] / a["peak_delta_mib"]
+            checks.append({
+                "target": f"implicit peak memory at {hi} steps <= {TARGET_MEM_RATIO}x that at {lo} steps ({solver})",
+                "measured": f"{b['peak_delta_mib']:.1f} / {a['peak_delta_mib']:.1f} MiB above baseline = {ratio:.3f}x "
+                            f"(totals {b['peak_mib']:.1f} / {a['peak_mib']:.1f} MiB = {b['peak_mib'] / a['peak_mib']:.3f}x)",
+                "value": ratio, "passed": ratio <= TARGET_MEM_RATIO,
+            })
+        a, b = find(rows, solver, "implicit", TIME_STEPS), find(rows, solver, "unroll", TIME_STEPS)
+        if a and b:
+            ratio = a["backward_s"] / b["backward_s"]
+            checks.append({
+                "target": f"implicit backward time <= {TARGET_TIME_RATIO}x unrolled at {TIME_STEPS} steps ({solver}, "
+                          f"adjoint_tol {ADJOINT_TOL:g})",
+                "measured": f"{a['backward_s'] * 1e3:.1f} / {b['backward_s'] * 1e3:.1f} ms = {ratio:.3f}x "
+                            f"(CG {a['adjoint']['steps_max']} steps; CPU time ratio "
+                            f"{a['backward_cpu_s'] / b['backward_cpu_s']:.3f}x)",
+                "value": ratio, "passed": ratio <= TARGET_TIME_RATIO,
+            })
+    if adj and {"cg", "fixed_point"} <= set(adj["methods"]):
+        cg, fp = adj["methods"]["cg"], adj["methods"]["fixed_point"]
+        fp_count = (f"{fp['gram_calls_counted'] - 1}" if fp["converged"]
+                    else f"> {fp['gram_calls_counted'] - 1} (capped, system residual {fp['system_residual_max']:.1e})")
+        checks.append({
+            "target": f"CG adjoint reaches {ADJOINT_TOL:g} in fewer Gram products than the fixed-point adjoint",
+            "measured": f"cg {cg['gram_calls_counted'] - 1} batched products (per problem mean {cg['steps_mean']:.1f}, "
+                        f"max {cg['steps_max']}) vs fixed_point {fp_count} (per problem mean {fp['steps_mean']:.1f}); "
+                        f"+1 shared product each",
+            "value": (cg["gram_calls_counted"] - 1) / (fp["gram_calls_counted"] - 1),
+            "passed": cg["converged"] and cg["gram_calls_counted"] < fp["gram_calls_counted"]
+                      and cg["steps_mean"] < fp["steps_mean"],
+        })
+    return checks
+
+
+def plot(rows, variants, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_m, ax_t) = plt.subplots(1, 2, figsize=(11, 4.6))
+    colors = {"implicit": "tab:blue", "unroll": "tab:red", "phantom": "tab:green"}
+    styles = {"ista": "-", "anderson": "--"}
+    markers = {"implicit": "s", "unroll": "o", "phantom": "^"}
+    for solver in sorted({r["solver"] for r in rows}):
+        for mode in MODES:
+            sel = sorted((r for r in rows if r["solver"] == solver and r["mode"] == mode), key=lambda r: r["steps"])
+            if not sel:
+                continue
+            xs = [r["steps"] for r in sel]
+            # implicit and phantom can coincide in memory: distinct markers, implicit drawn on top
+            kw = dict(color=colors[mode], ls=styles.get(solver, ":"), marker=markers[mode], label=f"{mode} ({solver})",
+                      zorder=3 if mode == "implicit" else 2, mfc="none" if mode == "implicit" else None)
+            ax_m.plot(xs, [r["peak_delta_mib"] for r in sel], **kw)
+            ax_t.plot(xs, [r["backward_s"] * 1e3 for r in sel], **kw)
+    for r, marker in zip(variants, "Dv<>ph"):
+        ax_t.plot([r["steps"]], [r["backward_s"] * 1e3], marker=marker, ls="", color=colors["implicit"], mfc="none",
+                  label=f"implicit ({r['solver']}), adjoint_tol {r['adjoint_tol']:g}")
+    ax_m.set(xscale="log", yscale="log", xlabel="forward steps", ylabel="peak memory above baseline (MiB, log)",
+             title="forward+backward peak memory")
+    ax_t.set(xscale="log", yscale="log", xlabel="forward steps", ylabel="backward time (ms, log)",
+             title=f"backward time (median; implicit: CG to {ADJOINT_TOL:g})")
+    for ax in (ax_m, ax_t):
+        ax.grid(True, which="both", alpha=0.3)
+    handles, labels = ax_t.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), fontsize=8, frameon=False)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def print_table(rows) -> None:
+    head = (f"{'solver':8s} {'mode':8s} {'steps':>5s} {'peak MiB':>9s} {'+base MiB':>9s} {'fwd ms':>8s} "
+            f"{'bwd ms':>8s} {'bwd cpu ms':>10s} {'adjoint tol/steps/res':>22s}")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        adj = r.get("adjoint")
+        a = f"{r['adjoint_tol']:.0e} {adj['steps_max']:4d} {adj['residual_max']:.0e}" if adj else ""
+        mem = f"{r['peak_mib']:9.1f} {r['peak_delta_mib']:9.1f}" if "peak_mib" in r else f"{'-':>9s} {'-':>9s}"
+        print(f"{r['solver']:8s} {r['mode']:8s} {r['steps']:5d} {mem} "
+              f"{r['forward_s'] * 1e3:8.1f} {r['backward_s'] * 1e3:8.1f} {r['backward_cpu_s'] * 1e3:10.1f} {a:>22s}")
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--steps", type=int, nargs="+", default=list(DEFAULT_STEPS), help="forward steps to sweep")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats per configuration (after one untimed run)")
+    # one thread by default: on a machine shared with other jobs, OpenMP threads waiting for each other
+    # dominate small kernels (an elementwise op on one code tensor went from 0.3 ms to 79 ms with 2 threads)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--solvers", nargs="+", default=["ista"], choices=["ista", "anderson"], help="forward solvers")
+    p.add_argument("--phantom-steps", type=int, default=1, help="k of the phantom gradient (1: Jacobian-free)")
+    p.add_argument("--tau", type=float, default=1.0, help="damping of the phantom gradient")
+    p.add_argument("--variant-adjoint-tols", type=float, nargs="*", default=[1e-4, 1e-3],
+                   help=f"extra implicit runs at {TIME_STEPS} steps with these CG tolerances (informational)")
+    p.add_argument("--adjoints", nargs="+", default=["cg", "fixed_point", "anderson"], choices=list(vd.ADJOINTS))
+    p.add_argument("--adjoint-max-steps", type=int, default=1000, help="cap of the converged adjoint solves")
+    p.add_argument("--adjoint-forward", default="anderson", help="forward solver for the converged adjoint study")
+    p.add_argument("--adjoint-forward-steps", type=int, default=3000)
+    p.add_argument("--malloc-default", action="store_true",
+                   help="CPU: measure RSS with glibc's default (dynamic) mmap threshold instead of a fixed 64 KiB one")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true",
+                   help=f"steps 5 {TIME_STEPS} 200, one repeat, CG and fixed-point adjoints capped at 300")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.steps, args.repeats, args.adjoints = [5, TIME_STEPS, 200], 1, ["cg", "fixed_point"]
+        args.adjoint_max_steps, args.variant_adjoint_tols = 300, []
+    if args.repeats < 1 or min(args.steps) < 1 or args.threads < 0:
+        p.error("--repeats and --steps must be >= 1, --threads >= 0")
+    args.steps = sorted(set(args.steps))
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = common.pick_device(args.device)
+    out_dir = common.results_dir(device)
+    print(f"device: {common.device_label(device)}; problems {SHAPE}, lam={LAM}, float32, tol=None")
+    load_before = os.getloadavg()
+    t0 = time.perf_counter()
+    rows, variants = sweep(args, device)
+    print("adjoint work at convergence (float64) ...", flush=True)
+    adj = adjoint_study(args, device)
+    checks = targets(rows, adj, args.steps)
+    result = {
+        "benchmark": "backward",
+        "command": " ".join(["python", "benchmarks/bench_backward.py", *(argv if argv is not None else sys.argv[1:])]),
+        "environment": {**common.environment(device), "loadavg_1min_before_after": [load_before[0], os.getloadavg()[0]]},
+        "setup": {**SHAPE, "lam": LAM, "dtype": "float32", "tol": None, "repeats": args.repeats,
+                  "phantom_steps": args.phantom_steps, "tau": args.tau, "adjoint": f"cg, adjoint_tol {ADJOINT_TOL:g}",
+                  "loss": "<w, SparseReconstruction(v, source=q)>, q and v require grad",
+                  "memory": ("peak RSS in a fresh (forked) process per configuration: VmHWM of /proc/self/status, "
+                             "reset (clear_refs) after the baseline = VmRSS after imports, inputs and a tiny warm-up; "
+                             "ru_maxrss figures kept as asked, but a child's ru_maxrss starts at its parent's resident "
+                             "size (fork) or high-water mark (exec), so they understate deltas; glibc " +
+                             ("default mmap threshold" if args.malloc_default else
+                              f"mallopt(M_MMAP_THRESHOLD, {MMAP_THRESHOLD}): blocks >= 64 KiB are unmapped on free")
+                             if device.type == "cpu" else
+                             "torch.cuda.max_memory_allocated after reset_peak_memory_stats; baseline "
+                             "memory_allocated after inputs and a full warm-up"),
+                  "time": "in the driver process, default allocator: median of the repeats after one untimed run; "
+                          "forward and backward timed separately (wall clock, device-synchronized; *_cpu_s: process "
+                          "CPU time)"},
+        "rows": rows,
+        "implicit_adjoint_tol_variants": variants,
+        "adjoint_study": adj,
+        "targets": checks,
+        "wall_s": time.perf_counter() - t0,
+    }
+    common.write_json(out_dir / "backward.json", result)
+    plot(rows, variants, out_dir / "backward.png",
+         f"VARS-shaped lasso (B={SHAPE['B']}, H={SHAPE['H']}, N={SHAPE['N']}, C={SHAPE['C']}, M={SHAPE['M']}, "
+         f"float32) on {common.device_label(device)}")
+    print()
+    print_table(rows + variants)
+    print()
+    spec = adj["spectrum"]
+    print(f"adjoint at convergence (float64, support {adj['support_fraction']:.1%} of the codes, forward "
+          f"{adj['forward']['steps_max']} steps of {adj['forward']['solver']}, cap {adj['adjoint_max_steps']}):")
+    for name, m in adj["methods"].items():
+        print(f"  {name:11s} steps mean {m['steps_mean']:7.1f} max {m['steps_max']:5d}  own residual "
+              f"{m['own_residual_max']:.1e}  system residual {m['system_residual_max']:.1e}  "
+              f"Gram calls {m['gram_calls_counted']}  backward {m['backward_s'] * 1e3:.0f} ms")
+    print(f"  spectrum of eta G_SS per column: lambda_min median {spec['eta_lambda_min_SS']['median']:.1e}, "
+          f"min {spec['eta_lambda_min_SS']['min']:.1e}; kappa median {spec['kappa_SS']['median']:.0f}, "
+          f"max {spec['kappa_SS']['max']:.0f}")
+    print(f"  predicted steps to {ADJOINT_TOL:g}: fixed point median {spec['fixed_point_steps_predicted']['median']:.0f}, "
+          f"max {spec['fixed_point_steps_predicted']['max']:.0f}; CG bound median {spec['cg_steps_bound']['median']:.0f}, "
+          f"max {spec['cg_steps_bound']['max']:.0f}")
+    print()
+    print("targets:")
+    for c in checks:
+        print(f"  [{'PASS' if c['passed'] else 'MISS'}] {c['target']}: {c['measured']}")
+    print(f"\nwrote {out_dir / 'backward.json'} and backward.png ({result['wall_s']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
