@@ -131,26 +131,39 @@ def conjugate_gradient(apply_A, rhs, tol, max_steps):
     return x, steps, rel
 
 
-def _lasso_adjoint(flat: LassoBatch, zs, g, method, tol, max_steps):
-    """u with (I - J^T) u = g for the lasso map at zs; returns u restricted to the support."""
-    with torch.no_grad():
-        gz = flat.normal(zs)
-        pre = zs - flat.eta * (gz - flat.b)
-        mask = active_mask(pre, flat.eta * flat.lam, flat.nonneg).to(g.dtype)
+def _lasso_adjoint(flat: LassoBatch, zs, g, method, tol, max_steps, ridge=0.0):
+    """u with (I - J^T) u = g for the lasso map at zs; returns u restricted to the support.
+
+    Runs in float32 or wider whatever the autocast dtype (the operator is converted when the
+    forward ran in half precision). With ``ridge`` > 0 the support system becomes
+    (eta G_SS + ridge I) u_S = g_S: after a short, unconverged forward the support can hold more
+    atoms than tokens, G_SS is then singular and CG would diverge.
+    """
+    out_dtype = g.dtype
+    wide = torch.float32 if g.dtype in (torch.float16, torch.bfloat16) or flat.b.dtype in (
+        torch.float16, torch.bfloat16) else g.dtype
+    with torch.no_grad(), torch.autocast(g.device.type, enabled=False):
+        op = flat.op if flat.b.dtype == wide else flat.op.to(wide)
+        b, eta, lam = flat.b.to(wide), flat.eta.to(wide), flat.lam.to(wide)
+        zs, g = zs.to(wide), g.to(wide)
+        gz = op.normal(zs)
+        pre = zs - eta * (gz - b)
+        mask = active_mask(pre, eta * lam, flat.nonneg).to(wide)
         if method == "cg":
-            rhs = mask * g / flat.eta
+            rhs = mask * g / eta
 
             def apply_A(v):
-                return mask * flat.normal(mask * v) + (1 - mask) * v
+                return mask * (op.normal(mask * v) + (ridge / eta) * v) + (1 - mask) * v
 
             u, steps, rel = conjugate_gradient(apply_A, rhs, tol, max_steps)
-            return u, steps, rel
+            return u.to(out_dtype), steps, rel
 
         def adjoint_map(u):  # u = g + J^T u, J^T v = (I - eta G)(M v)
             mv = mask * u
-            return g + mv - flat.eta * flat.normal(mv)
+            return g + mv - eta * op.normal(mv) - ridge * mv
 
-        return _iterate_adjoint(adjoint_map, g, method, tol, max_steps, mask)
+        u, steps, rel = _iterate_adjoint(adjoint_map, g, method, tol, max_steps, mask)
+        return u.to(out_dtype), steps, rel
 
 
 def _iterate_adjoint(adjoint_map, g, method, tol, max_steps, mask=None):
@@ -179,8 +192,8 @@ class _ImplicitLasso(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         (zs,) = ctx.saved_tensors
-        method, tol, max_steps = ctx.options
-        u, steps, rel = _lasso_adjoint(ctx.flat, zs, g, method, tol, max_steps)
+        method, tol, max_steps, ridge = ctx.options
+        u, steps, rel = _lasso_adjoint(ctx.flat, zs, g, method, tol, max_steps, ridge)
         _record_adjoint(ctx.stats, method, steps, rel, tol)
         return u, None, None, None, None
 
@@ -242,6 +255,7 @@ def sparse_code(
     adjoint: str = "cg",
     adjoint_tol: float = 1e-6,
     adjoint_max_steps: int = 200,
+    adjoint_ridge: float = 0.0,
     phantom_steps: int = 1,
     tau: float = 1.0,
     on_unconverged: str = "warn",
@@ -254,7 +268,10 @@ def sparse_code(
         solver, max_steps, tol, z0: the forward solve (see :func:`vars_deq.solve`).
         backward: "implicit", "unroll" or "phantom" (any of them with any solver).
         adjoint: the implicit adjoint solve: "cg" on the active set (default), "fixed_point" or
-            "anderson"; ``adjoint_tol`` (relative residual) and ``adjoint_max_steps`` bound it.
+            "anderson"; ``adjoint_tol`` (residual relative to the right-hand side) and
+            ``adjoint_max_steps`` bound it. ``adjoint_ridge`` > 0 solves the damped support system
+            (eta G_SS + ridge I) u_S = g_S: exact at 0, and well posed when a short unconverged
+            forward leaves a support larger than the token count (G_SS singular).
         phantom_steps, tau: k and the damping of the phantom gradient.
         on_unconverged: what an implicit backward does after an unconverged forward:
             "warn" (default), "error" (raise :class:`ConvergenceError`) or "ignore".
@@ -262,6 +279,8 @@ def sparse_code(
             ``stats.adjoint`` holds the adjoint solve's steps and residual.
     """
     check_backward_options(backward, adjoint, adjoint_tol, adjoint_max_steps, phantom_steps, tau, on_unconverged)
+    if not (isinstance(adjoint_ridge, (int, float)) and adjoint_ridge >= 0):
+        raise ValueError(f"adjoint_ridge must be a number >= 0, got {adjoint_ridge!r}")
     solver = make_solver(solver)
     _check_unrollable(solver, backward)
     if backward == "unroll":
@@ -276,7 +295,8 @@ def sparse_code(
             _check_forward(sol, on_unconverged)
             sol.stats.adjoint = AdjointStats(method=adjoint)
             out = flat.T(zs)
-            z = _ImplicitLasso.apply(out, zs, flat, (adjoint, adjoint_tol, adjoint_max_steps), sol.stats.adjoint)
+            z = _ImplicitLasso.apply(out, zs, flat, (adjoint, adjoint_tol, adjoint_max_steps, adjoint_ridge),
+                                     sol.stats.adjoint)
         else:
             z = _phantom(flat.T, zs, phantom_steps, tau)
         z = z.reshape(problem.code_shape)

@@ -288,7 +288,7 @@ def add_compare_parser(sub) -> None:
     p.add_argument("--repeats", type=int, default=1, help="timed repeats per measurement (median)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     p.add_argument("--output", default="compare_results", help="folder for compare.json and compare.png")
-    p.set_defaults(func=run_compare)
+    p.set_defaults(run=run_compare)
 
 
 def _device(name: str) -> torch.device:

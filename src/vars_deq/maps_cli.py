@@ -26,7 +26,7 @@ def add_maps_parser(sub) -> None:
     p.add_argument("--layer", type=int, default=None, help="one layer's map (default: mean over layers)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default="maps.png")
-    p.set_defaults(func=run_maps)
+    p.set_defaults(run=run_maps)
 
 
 def run_maps(args) -> int:

@@ -16,7 +16,12 @@ from ..solvers import Solver, make_solver
 
 __all__ = ["SparseReconstruction", "configure_layers", "layer_stats"]
 
-_BACKWARD_KEYS = ("adjoint", "adjoint_tol", "adjoint_max_steps", "phantom_steps", "tau", "on_unconverged")
+#: the layer's default damping of the implicit adjoint: layers run short, unconverged forwards
+#: (5 steps) whose support can exceed the token count, where the exact system is singular
+LAYER_ADJOINT_RIDGE = 1e-2
+
+_BACKWARD_KEYS = ("adjoint", "adjoint_tol", "adjoint_max_steps", "adjoint_ridge", "phantom_steps", "tau",
+                  "on_unconverged")
 
 
 class SparseReconstruction(nn.Module):
@@ -39,7 +44,8 @@ class SparseReconstruction(nn.Module):
             the original VARS code).
         backward: "unroll" (original code), "implicit" or "phantom"; ``backward_options`` are
             passed to :func:`vars_deq.sparse_code` (adjoint, adjoint_tol, adjoint_max_steps,
-            phantom_steps, tau, on_unconverged).
+            adjoint_ridge (default here 1e-2, see LAYER_ADJOINT_RIDGE), phantom_steps, tau,
+            on_unconverged).
         nonneg: restrict codes to z >= 0.
         lipschitz: "exact", "power" or "gershgorin" bound for the step 1/L.
         check_finite: reject NaN/Inf input with a ValueError (one host sync per forward).
@@ -113,10 +119,14 @@ class SparseReconstruction(nn.Module):
                     self.lam_raw.copy_(_softplus_inv(lam.clamp_min(1e-6)).expand_as(self.lam_raw))
                 else:
                     self.lam_value = lam.to(self.lam_value.device).clone()
-        opts = {**self.backward_options, **{k: options[k] for k in _BACKWARD_KEYS if k in options}}
+        opts = {"adjoint_ridge": LAYER_ADJOINT_RIDGE, **self.backward_options,
+                **{k: options[k] for k in _BACKWARD_KEYS if k in options}}
         backward = options.get("backward", getattr(self, "backward", "unroll"))
         full = {"adjoint": "cg", "adjoint_tol": 1e-6, "adjoint_max_steps": 200, "phantom_steps": 1, "tau": 1.0,
                 "on_unconverged": "warn", **opts}
+        ridge = full.pop("adjoint_ridge", LAYER_ADJOINT_RIDGE)
+        if not (isinstance(ridge, (int, float)) and ridge >= 0):
+            raise ValueError(f"adjoint_ridge must be a number >= 0, got {ridge!r}")
         check_backward_options(backward, **full)
         self.backward, self.backward_options = backward, opts
 

@@ -1,0 +1,7 @@
+"""Robustness evaluation: image corruptions, PGD, and the evaluation loop."""
+
+from .corruptions import CORRUPTIONS, FAMILIES, SEVERITIES, corrupt
+from .evaluate import evaluate_model, format_table
+from .pgd import pgd_attack
+
+__all__ = ["CORRUPTIONS", "FAMILIES", "SEVERITIES", "corrupt", "evaluate_model", "format_table", "pgd_attack"]

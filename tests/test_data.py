@@ -1,0 +1,127 @@
+"""Data loading: embedded digits, ImageFolder, CIFAR-10 folder errors, input adaptation."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vars_deq.data import DataError, adapt_images, build_datasets, load_digits_split, model_input_size
+
+
+def test_digits_shapes_range_and_split():
+    train, test = load_digits_split()
+    xtr, ytr = train.tensors
+    xte, yte = test.tensors
+    assert xtr.shape[1:] == (1, 8, 8) and xte.shape[1:] == (1, 8, 8)
+    assert len(train) + len(test) == 1797
+    assert len(test) == 360  # 20% of 1797, rounded up by the stratified splitter
+    for x in (xtr, xte):
+        assert x.dtype == torch.float32
+        assert float(x.min()) == 0.0 and float(x.max()) == 1.0
+    # stratified: every class is in both splits in about the same proportion
+    ftr = torch.bincount(ytr, minlength=10).float() / len(ytr)
+    fte = torch.bincount(yte, minlength=10).float() / len(yte)
+    assert torch.all(torch.bincount(yte, minlength=10) > 0)
+    assert float((ftr - fte).abs().max()) < 0.01
+    # disjoint splits: no test image appears in train (digits has few exact duplicates; compare by set)
+    tr_keys = {tuple(v) for v in (xtr.flatten(1) * 16).round().int().tolist()}
+    te_keys = [tuple(v) for v in (xte.flatten(1) * 16).round().int().tolist()]
+    assert sum(k in tr_keys for k in te_keys) < 5
+
+
+def test_digits_deterministic():
+    a_tr, a_te = load_digits_split()
+    b_tr, b_te = load_digits_split()
+    assert torch.equal(a_tr.tensors[0], b_tr.tensors[0]) and torch.equal(a_te.tensors[1], b_te.tensors[1])
+    c_tr, _ = load_digits_split(seed=1)
+    assert not torch.equal(a_tr.tensors[1], c_tr.tensors[1])
+
+
+def test_build_digits_adapts_to_model_input():
+    native = build_datasets("digits")
+    assert native.input_size == (1, 8, 8) and native.num_classes == 10
+    big = build_datasets("digits", input_size=(3, 16, 16))
+    x, y = big.train[0]
+    assert x.shape == (3, 16, 16) and 0 <= float(x.min()) and float(x.max()) <= 1
+    assert torch.equal(x[0], x[1])  # gray repeated over channels
+    assert y == native.train[0][1]
+
+
+def test_adapt_images_rgb_to_gray_luminance():
+    x = torch.zeros(1, 3, 4, 4)
+    x[:, 1] = 1.0  # pure green
+    g = adapt_images(x, (1, 4, 4))
+    assert g.shape == (1, 1, 4, 4) and torch.allclose(g, torch.full_like(g, 0.587))
+
+
+def test_model_input_size_reads_overrides():
+    import timm
+
+    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=8, patch_size=4, in_chans=1,
+                          embed_dim=16, depth=1, num_heads=1, num_classes=10)
+    assert model_input_size(m) == (1, 8, 8)
+
+
+def _write_folder(root, classes=("a", "b"), per_class=5, size=(6, 5)):
+    rng = np.random.default_rng(0)
+    for c in classes:
+        os.makedirs(root / c, exist_ok=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
+
+
+def test_imagefolder_split_and_resize(tmp_path):
+    _write_folder(tmp_path)
+    d = build_datasets("imagefolder", tmp_path, input_size=(1, 8, 8))
+    assert d.num_classes == 2 and len(d.train) + len(d.test) == 10 and len(d.test) == 2
+    x, y = d.test[0]
+    assert x.shape == (1, 8, 8) and y in (0, 1) and 0 <= float(x.min()) and float(x.max()) <= 1
+
+
+def test_imagefolder_train_val_subfolders(tmp_path):
+    _write_folder(tmp_path / "train", per_class=3)
+    _write_folder(tmp_path / "val", per_class=2)
+    d = build_datasets("imagefolder", str(tmp_path))
+    assert (len(d.train), len(d.test)) == (6, 4)
+    assert d.input_size == (3, 6, 5)  # native size of the first image
+
+
+@pytest.mark.parametrize("dataset", ["imagefolder", "cifar10"])
+def test_missing_data_dir_names_path(tmp_path, dataset):
+    missing = tmp_path / "nope"
+    with pytest.raises(DataError, match="nope"):
+        build_datasets(dataset, missing)
+
+
+def test_data_dir_that_is_a_file(tmp_path):
+    f = tmp_path / "file.txt"
+    f.write_text("x")
+    with pytest.raises(DataError, match="is not a directory"):
+        build_datasets("imagefolder", f)
+
+
+def test_empty_imagefolder_and_empty_cifar_dir(tmp_path):
+    with pytest.raises(DataError, match=str(tmp_path)):
+        build_datasets("imagefolder", tmp_path)
+    with pytest.raises(DataError, match="CIFAR-10"):
+        build_datasets("cifar10", tmp_path)
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root reads any directory")
+def test_unreadable_data_dir(tmp_path):
+    _write_folder(tmp_path / "d")
+    os.chmod(tmp_path / "d", 0)
+    try:
+        with pytest.raises(DataError, match="not readable"):
+            build_datasets("imagefolder", tmp_path / "d")
+    finally:
+        os.chmod(tmp_path / "d", 0o755)
+
+
+def test_bad_dataset_arguments():
+    with pytest.raises(ValueError, match="dataset must be one of"):
+        build_datasets("mnist")
+    with pytest.raises(ValueError, match="no --data-dir"):
+        build_datasets("digits", "/tmp")
