@@ -18,7 +18,7 @@ __all__ = ["SparseReconstruction", "configure_layers", "layer_stats"]
 
 #: the layer's default damping of the implicit adjoint: layers run short, unconverged forwards
 #: (5 steps) whose support can exceed the token count, where the exact system is singular
-LAYER_ADJOINT_RIDGE = 1e-2
+LAYER_ADJOINT_RIDGE = 1e-3
 
 _BACKWARD_KEYS = ("adjoint", "adjoint_tol", "adjoint_max_steps", "adjoint_ridge", "phantom_steps", "tau",
                   "on_unconverged")
@@ -44,7 +44,7 @@ class SparseReconstruction(nn.Module):
             the original VARS code).
         backward: "unroll" (original code), "implicit" or "phantom"; ``backward_options`` are
             passed to :func:`vars_deq.sparse_code` (adjoint, adjoint_tol, adjoint_max_steps,
-            adjoint_ridge (default here 1e-2, see LAYER_ADJOINT_RIDGE), phantom_steps, tau,
+            adjoint_ridge (default here 1e-3, see LAYER_ADJOINT_RIDGE), phantom_steps, tau,
             on_unconverged).
         nonneg: restrict codes to z >= 0.
         lipschitz: "exact", "power" or "gershgorin" bound for the step 1/L.
