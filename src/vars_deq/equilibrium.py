@@ -11,6 +11,7 @@ take it.
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable
@@ -44,6 +45,8 @@ class SolveStats:
     residual: torch.Tensor
     residual_trace: torch.Tensor | None = None
     energy_trace: torch.Tensor | None = None
+    #: seconds since the loop started, after each step (traced solves with a tol, which sync anyway)
+    time_trace: list[float] | None = None
     solver: str = ""
     max_steps: int = 0
     tol: float | None = None
@@ -132,7 +135,7 @@ def solve(
     max_steps: int = 100,
     tol: float | None = 1e-4,
     z0: torch.Tensor | str | None = None,
-    trace: bool = False,
+    trace: bool | str = False,
     per_problem: bool = True,
 ) -> Solution:
     """Solve a batch of sparse-coding problems to their fixed points.
@@ -143,7 +146,10 @@ def solve(
         max_steps: most steps per problem (0 returns z0).
         tol: per-problem relative residual to stop at; None runs exactly max_steps (no syncs).
         z0: starting codes: None or "encode" (D^T x), "zeros", or a tensor (..., M, C).
-        trace: record per-step residual and energy traces (one extra product per step).
+        trace: True records per-step residual and energy traces (one extra product per step)
+            and, with a tol, per-step wall times; "residual" records residuals and times only;
+            "log" adds energies at log-spaced steps (1, 2, 3, 4, 6, 8, 11, ...; NaN between),
+            cheap enough to leave the timing honest.
         per_problem: stop each problem on its own and drop it from the batch (default); False
             iterates the whole batch until every problem is below tol (for comparisons).
 
@@ -162,12 +168,17 @@ def solve_quietly(problem, solver="anderson", max_steps=100, tol=1e-4, z0=None, 
         raise ValueError(f"problem must be a SparseCoding, got {type(problem).__name__}")
     solver = make_solver(solver)
     check_loop_args(max_steps, tol)
+    if trace not in (False, True, "residual", "log"):
+        raise ValueError(f"trace must be False, True, 'residual' or 'log', got {trace!r}")
     flat = problem.flat()
     solver.check(flat)
+    times: list[float] = []
     z, steps, residual, rtrace, etrace = run(flat, solver, initial_codes(problem, z0), max_steps, tol, trace,
-                                             per_problem)
-    return package(problem.batch_shape, problem.code_shape, z, steps, residual, rtrace, etrace, solver, max_steps, tol,
-                   energy_fn=lambda: problem.energy(z.detach().reshape(problem.code_shape)))
+                                             per_problem, times=times)
+    sol = package(problem.batch_shape, problem.code_shape, z, steps, residual, rtrace, etrace, solver, max_steps, tol,
+                  energy_fn=lambda: problem.energy(z.detach().reshape(problem.code_shape)))
+    sol.stats.time_trace = times or None
+    return sol
 
 
 def warn_unconverged(sol: Solution, what: str) -> None:
@@ -198,8 +209,8 @@ def package(batch, out_shape, z, steps, residual, rtrace, etrace, solver, max_st
     return Solution(z.reshape(out_shape), converged.reshape(batch), stats)
 
 
-def run(flat, solver: Solver, z0: torch.Tensor, max_steps: int, tol: float | None, trace: bool,
-        per_problem: bool = True, residual_scale: torch.Tensor | None = None):
+def run(flat, solver: Solver, z0: torch.Tensor, max_steps: int, tol: float | None, trace,
+        per_problem: bool = True, residual_scale: torch.Tensor | None = None, times: list | None = None):
     """The loop on a flat batch (P, ...). Returns z, steps, residual and optional traces (flat).
 
     ``residual_scale`` (P,) replaces ||p|| as the residual's denominator (adjoint solves measure
@@ -213,14 +224,17 @@ def run(flat, solver: Solver, z0: torch.Tensor, max_steps: int, tol: float | Non
         steps = torch.zeros(P, dtype=torch.long, device=dev)
         return z0, steps, res, None, None
     if hasattr(solver, "solve_all"):  # a backend that owns its loop (TorchDEQ)
-        z, steps = solver.solve_all(flat, z0, max_steps, tol)
+        record = [] if trace else None
+        z, steps = solver.solve_all(flat, z0, max_steps, tol, record)
         with torch.no_grad():
             res = relative_residual(z, flat.T(z))
-        return z, steps, res, None, None
+        if record and times is not None:
+            times.extend(t for _, t in record)
+        return z, steps, res, _stack([r for r, _ in record]) if record else None, None
     if tol is None:
         return _run_fixed(flat, solver, z0, max_steps, trace, lasso)
     if lasso and per_problem:
-        return _run_compacting(flat, solver, z0, max_steps, tol, trace)
+        return _run_compacting(flat, solver, z0, max_steps, tol, trace, times)
     return _run_frozen(flat, solver, z0, max_steps, tol, trace, residual_scale)
 
 
@@ -239,13 +253,13 @@ def _run_fixed(flat, solver, z0, max_steps, trace, lasso):
             res = relative_residual(p, tp)
         if trace:
             rt.append(res)
-            if lasso:
+            if lasso and trace is True:
                 et.append(_energy(flat, solver, state))
     steps = torch.full((z0.shape[0],), max_steps, dtype=torch.long, device=z0.device)
     return tp, steps, res, _stack(rt), _stack(et)
 
 
-def _run_compacting(flat: LassoBatch, solver, z0, max_steps, tol, trace):
+def _run_compacting(flat: LassoBatch, solver, z0, max_steps, tol, trace, times=None):
     P = z0.shape[0]
     dev = z0.device
     active = torch.arange(P, device=dev)
@@ -255,6 +269,7 @@ def _run_compacting(flat: LassoBatch, solver, z0, max_steps, tol, trace):
     steps = torch.zeros(P, dtype=torch.long, device=dev)
     residual = torch.full((P,), math.inf, dtype=z0.dtype, device=dev)
     idx_parts, val_parts, rt, et = [], [], [], []
+    start = time.perf_counter()
     for k in range(max_steps):
         state, p, tp = solver.step(sub, state)
         with torch.no_grad():
@@ -263,13 +278,19 @@ def _run_compacting(flat: LassoBatch, solver, z0, max_steps, tol, trace):
         steps[active] = k + 1
         if trace:
             rt.append(_scatter_row(P, active, res))
-            et.append(_scatter_row(P, active, _energy(sub, solver, state)))
+            if trace is True or (trace == "log" and _log_step(k + 1)):
+                et.append(_scatter_row(P, active, _energy(sub, solver, state)))
+            elif trace == "log":
+                et.append(torch.full((P,), math.nan, dtype=res.dtype, device=res.device))
         done = res < tol
+        any_done = bool(done.any())  # the host sync of tol mode; the step's time is real after it
+        if trace and times is not None:
+            times.append(time.perf_counter() - start)
         if k == max_steps - 1:
             idx_parts.append(active)
             val_parts.append(tp)
             break
-        if bool(done.any()):
+        if any_done:
             finished = done.nonzero().squeeze(-1)
             idx_parts.append(active[finished])
             val_parts.append(tp[finished])
@@ -310,6 +331,14 @@ def _run_frozen(flat, solver, z0, max_steps, tol, trace, residual_scale=None):
         if bool(frozen.all()):
             break
     return out, steps, residual, _stack(rt), None
+
+
+def _log_step(k: int) -> bool:
+    """Steps 1, 2, 3, 4, 6, 8, 11, 16, 22, 32, ...: about four per octave."""
+    return k <= 4 or k in _LOG_STEPS
+
+
+_LOG_STEPS = {int(round(2 ** (e / 4))) for e in range(8, 4 * 24)}
 
 
 def _expand(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

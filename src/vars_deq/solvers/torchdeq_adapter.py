@@ -8,6 +8,7 @@ The returned point is TorchDEQ's lowest-residual value f(x), which is a value of
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -43,10 +44,28 @@ class TorchDEQSolver(Solver):
     def __repr__(self) -> str:
         return f"TorchDEQSolver({self.method!r})"
 
-    def solve_all(self, problem, z0: torch.Tensor, max_steps: int, tol: float | None):
-        """Run TorchDEQ's loop; returns the output (a value of T) and its steps (nstep) per problem."""
+    def solve_all(self, problem, z0: torch.Tensor, max_steps: int, tol: float | None, record: list | None = None):
+        """Run TorchDEQ's loop; returns the output (a value of T) and its steps (nstep) per problem.
+
+        ``record``, if given, receives (relative residual per problem, seconds) at every
+        evaluation of T, measured the way this library measures its own solvers.
+        """
+        from ..problems import relative_residual
+
+        fn = problem.T
+        if record is not None:
+            start = time.perf_counter()
+
+            def fn(z):
+                tz = problem.T(z)
+                res = relative_residual(z, tz)
+                if z.is_cuda:
+                    torch.cuda.synchronize(z.device)
+                record.append((res, time.perf_counter() - start))
+                return tz
+
         # tol=None: a negative tolerance is never reached, so every step runs
-        z, _, info = self._fn(problem.T, z0, max_iter=max_steps, tol=-1.0 if tol is None else tol,
+        z, _, info = self._fn(fn, z0, max_iter=max_steps, tol=-1.0 if tol is None else tol,
                               stop_mode=self.stop_mode, **self.options)
         nstep = info["nstep"].reshape(-1).to(torch.long)
         steps = nstep.expand(z0.shape[0]) if nstep.numel() == 1 else nstep
