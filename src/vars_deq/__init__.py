@@ -9,9 +9,10 @@ from .dictionaries import (
 )
 from .backward import ADJOINTS, BACKWARDS, ConvergenceError, fixed_point, sparse_code
 from .equilibrium import ConvergenceWarning, Solution, SolveStats, solve
-from .layers import SparseReconstruction, configure_layers, layer_stats
+from .layers import SparseReconstruction, VARSAttention, configure_layers, layer_stats
 from .problems import SparseCoding
 from .solvers import FISTA, ISTA, SOLVERS, Anderson, Solver, TorchDEQSolver, make_solver
+from .models import attention_maps, convert_vit  # noqa: E402  (also registers the models with timm)
 
 __version__ = "0.1.0"
 
@@ -41,4 +42,7 @@ __all__ = [
     "SparseReconstruction",
     "configure_layers",
     "layer_stats",
+    "VARSAttention",
+    "convert_vit",
+    "attention_maps",
 ]

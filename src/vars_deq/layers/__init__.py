@@ -1,5 +1,6 @@
 """Layers: the DEQ sparse-reconstruction module and the timm attention drop-in."""
 
 from .sparse_reconstruction import SparseReconstruction, configure_layers, layer_stats
+from .vars_attention import VARSAttention
 
-__all__ = ["SparseReconstruction", "configure_layers", "layer_stats"]
+__all__ = ["SparseReconstruction", "configure_layers", "layer_stats", "VARSAttention"]
