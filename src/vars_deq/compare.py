@@ -316,7 +316,7 @@ def add_compare_parser(sub) -> None:
                    help="log10 condition numbers of synthetic dense suites (none: skip)")
     p.add_argument("--layers", nargs="*", type=int, default=[-1],
                    help="which VARS layers' problems (default: the last; e.g. 0 1 2 3 for all)")
-    p.add_argument("--max-steps", type=int, default=1000)
+    p.add_argument("--max-steps", type=int, default=500)
     p.add_argument("--repeats", type=int, default=1, help="timed repeats per measurement (median)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     p.add_argument("--output", default="compare_results", help="folder for compare.json and compare.png")
