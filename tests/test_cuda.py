@@ -10,20 +10,23 @@ import vars_deq as vd
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
-def performer_problem(device, seed=0, lam=0.3):
+def performer_problem(device, seed=0, lam=0.3, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
-    q = torch.randn(4, 3, 49, 16, generator=g)
-    v = torch.randn(4, 3, 49, 16, generator=g)
+    q = torch.randn(4, 3, 49, 16, generator=g, dtype=dtype)
+    v = torch.randn(4, 3, 49, 16, generator=g, dtype=dtype)
     d = vd.PerformerDictionary(16, num_heads=3).to(device)
     return vd.SparseCoding(d(q.to(device)), v.to(device), lam)
 
 
 @pytest.mark.parametrize("solver", ["ista", "fista", "mfista", "anderson", "anderson_residual"])
 def test_cuda_solution_matches_cpu(solver):
-    cpu = vd.solve(performer_problem("cpu"), solver, max_steps=3000, tol=1e-5)
-    gpu = vd.solve(performer_problem("cuda"), solver, max_steps=3000, tol=1e-5)
+    # Performer atoms are strongly correlated: a residual of tol bounds the code error only up to
+    # the conditioning, so the parity check runs in float64 to a tight tol (float32 at 1e-5 left
+    # differences of 4e-2 between devices with mfista and anderson on the H100)
+    cpu = vd.solve(performer_problem("cpu", dtype=torch.float64), solver, max_steps=20000, tol=1e-11)
+    gpu = vd.solve(performer_problem("cuda", dtype=torch.float64), solver, max_steps=20000, tol=1e-11)
     assert bool(gpu.converged.all())
-    torch.testing.assert_close(gpu.z.cpu(), cpu.z, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(gpu.z.cpu(), cpu.z, atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("solver", ["ista", "fista", "mfista", "fista_restart", "anderson", "anderson_plain"])
