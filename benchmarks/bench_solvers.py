@@ -38,7 +38,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: leave as is)")
     ap.add_argument("--tol", type=float, default=1e-4)
     ap.add_argument("--max-steps", type=int, default=5000)
     ap.add_argument("--out", default=None, help="results folder (default benchmarks/results/<device>)")
