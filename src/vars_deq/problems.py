@@ -141,6 +141,11 @@ class SparseCoding:
         op = _as_operator(D, x)
         if op.num_tokens != x.shape[-2]:
             raise ValueError(f"D has atoms over N={op.num_tokens} tokens but x has N={x.shape[-2]} (x: {tuple(x.shape)})")
+        d_dtype = op.tensors()[0].dtype
+        if d_dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise ValueError(
+                f"D is {d_dtype} but x is {x.dtype}: give both the same dtype (or run under torch.autocast)"
+            )
         batch = x.shape[:-2]
         try:
             full = torch.broadcast_shapes(op.batch_shape, batch)
