@@ -218,6 +218,9 @@ def run(flat, solver: Solver, z0: torch.Tensor, max_steps: int, tol: float | Non
     P = z0.shape[0]
     dev = z0.device
     lasso = isinstance(flat, LassoBatch)
+    if P == 0:  # no problems: nothing to iterate
+        empty = torch.zeros(0, dtype=torch.long, device=dev)
+        return z0, empty, torch.zeros(0, dtype=z0.dtype, device=dev), None, None
     if max_steps == 0:
         with torch.no_grad():
             res = relative_residual(z0, flat.T(z0))

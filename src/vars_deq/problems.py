@@ -138,6 +138,8 @@ class SparseCoding:
         if not isinstance(x, torch.Tensor) or x.dim() < 2:
             raise ValueError(f"x must be a tensor (..., N, C), got {getattr(x, 'shape', type(x))}")
         check_lipschitz_mode(lipschitz)
+        if x.shape[-1] == 0 or x.shape[-2] == 0:
+            raise ValueError(f"x must have at least one token and one channel, got shape {tuple(x.shape)}")
         op = _as_operator(D, x)
         if op.num_tokens != x.shape[-2]:
             raise ValueError(f"D has atoms over N={op.num_tokens} tokens but x has N={x.shape[-2]} (x: {tuple(x.shape)})")
