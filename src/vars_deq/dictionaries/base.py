@@ -7,6 +7,8 @@ per-input linear map ``D`` from codes ``z`` (..., M, C) to signals (..., N, C). 
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import math
 from typing import Sequence
 
@@ -28,7 +30,7 @@ def check_lipschitz_mode(mode: str) -> str:
     return mode
 
 
-class DictionaryOperator:
+class DictionaryOperator(ABC):
     """A batch of linear maps D: R^{M x C} -> R^{N x C}, applied column by column.
 
     Subclasses implement ``decode`` (D z), ``encode`` (D^T x), ``take`` (select problems of a
@@ -40,32 +42,38 @@ class DictionaryOperator:
     batch_shape: torch.Size
 
     # -- the map -------------------------------------------------------------------------
+    @abstractmethod
     def decode(self, z: torch.Tensor) -> torch.Tensor:  # (..., M, C) -> (..., N, C)
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def encode(self, x: torch.Tensor) -> torch.Tensor:  # (..., N, C) -> (..., M, C)
-        raise NotImplementedError
+        ...
 
     def normal(self, z: torch.Tensor) -> torch.Tensor:
         """D^T D z, the Gram operator (the only product the solvers need per step)."""
         return self.encode(self.decode(z))
 
     # -- batch handling ------------------------------------------------------------------
+    @abstractmethod
     def flatten(self, batch_shape: Sequence[int]) -> "DictionaryOperator":
         """Broadcast to the problems' batch shape and flatten it to one dim P (or keep 1 if shared)."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def take(self, index: torch.Tensor) -> "DictionaryOperator":
         """Problems ``index`` of a flattened operator (a shared operator returns itself)."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def tensors(self) -> list[torch.Tensor]:
         """The tensors the operator is built from (for finiteness checks)."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def to(self, dtype: torch.dtype) -> "DictionaryOperator":
         """The same operator in another floating dtype (e.g. a float64 reference solve)."""
-        raise NotImplementedError
+        ...
 
     # -- dense views and bounds ----------------------------------------------------------
     def materialize(self) -> torch.Tensor:

@@ -21,15 +21,18 @@ State = dict[str, Any]
 
 
 class Solver:
+    """A forward solver. Step solvers implement ``init`` and ``step`` and the library's loop runs
+    them; a backend that owns its loop (TorchDEQ) implements ``solve_all`` instead."""
+
     name: str = "solver"
     #: solvers that use the lasso structure (Gram products, energies) set this
     needs_lasso: bool = False
 
     def init(self, problem, z0: torch.Tensor) -> State:
-        raise NotImplementedError
+        raise TypeError(f"{type(self).__name__} runs its own loop (solve_all): it has no single steps")
 
     def step(self, problem, state: State) -> tuple[State, torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
+        raise TypeError(f"{type(self).__name__} runs its own loop (solve_all): it has no single steps")
 
     def iterate(self, state: State) -> torch.Tensor:
         """The solver's current iterate (the sequence whose energy the guarantees are about)."""
