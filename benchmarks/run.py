@@ -4,8 +4,8 @@
 
 Runs, each in its own process so one's memory does not colour another's: the solver benchmark
 (bench_solvers.py), the backward memory/time benchmark (bench_backward.py), the model
-throughput benchmark (bench_models.py) and `vars-deq compare`. Then prints the summary table
-that README.md quotes (benchmarks/summary.py).
+throughput benchmark (bench_models.py) and `vars-deq compare`; each prints its own table, and the
+README quotes them.
 """
 
 from __future__ import annotations
@@ -46,7 +46,6 @@ def main(argv=None) -> int:
         print(f"\n=== {name}: {' '.join(cmd)}", flush=True)
         if subprocess.run(cmd, cwd=HERE.parent).returncode != 0:
             failed.append(name)
-    subprocess.run([py, str(HERE / "summary.py"), "--device", device_slug(torch.device(device))], cwd=HERE.parent)
     if failed:
         print(f"failed: {failed}", file=sys.stderr)
         return 1
