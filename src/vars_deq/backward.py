@@ -19,7 +19,6 @@ output is exactly a value of T, sparse for lasso) and differs only in what flows
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Callable
 
@@ -32,12 +31,11 @@ from .equilibrium import (
     MapBatch,
     Solution,
     check_loop_args,
-    initial_codes,
     package,
     run,
     solve_quietly,
 )
-from .problems import LassoBatch, SparseCoding, relative_residual
+from .problems import LassoBatch, SparseCoding
 from .prox import active_mask
 from .solvers import Anderson, ISTA, Solver, make_solver
 

@@ -29,7 +29,8 @@ from .problems import SparseCoding
 from .solvers import SOLVERS, make_solver
 
 __all__ = ["capture_problems", "synthetic_problems", "mixed_batch", "compare_solvers", "per_problem_work",
-           "DEFAULT_SOLVERS", "DEFAULT_TOLS", "default_checkpoint"]
+           "DEFAULT_SOLVERS", "DEFAULT_TOLS", "default_checkpoint", "plot", "format_table", "target_checks",
+           "add_compare_parser", "run_compare"]
 
 DEFAULT_SOLVERS = (
     "ista", "fista", "mfista", "fista_restart", "fista_gradient_restart",
@@ -268,11 +269,9 @@ def target_checks(per_solver: dict[str, Any], tol: float = 1e-4) -> dict[str, An
     }
 
 
-def to_json(obj: Any, path: Path) -> None:
+def _to_json(obj: Any, path: Path) -> None:
     path.write_text(json.dumps(obj, indent=1, default=float))
 
-
-__all__ += ["plot", "format_table", "target_checks", "to_json", "SOLVERS"]
 
 
 # -- command line -------------------------------------------------------------------------------
@@ -379,7 +378,7 @@ def run_compare(args) -> int:
     work = per_problem_work(mixed_batch(device))
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    device_label = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    device_label = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''})"
     report_tol = 1e-4 if 1e-4 in args.tols else min(args.tols)
     payload = {
         "device": device_label,
@@ -391,7 +390,7 @@ def run_compare(args) -> int:
         "targets": {s: target_checks(r, report_tol) for s, r in results.items()},
         "per_problem_stopping": work,
     }
-    to_json(payload, out / "compare.json")
+    _to_json(payload, out / "compare.json")
     plot(results, out / "compare.png", f"vars-deq compare on {device_label}")
     print(format_table(results, report_tol))
     print(f"\nper-problem stopping on a mixed easy/hard batch (anderson, tol 1e-4): "

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..backward import ADJOINTS, BACKWARDS, check_backward_options, sparse_code
+from ..backward import check_backward_options, sparse_code
 from ..dictionaries.base import check_lipschitz_mode
 from ..equilibrium import INITS, REPORT_TOL, check_loop_args
 from ..problems import SparseCoding
