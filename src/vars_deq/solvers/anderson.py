@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import torch
 
-from ..problems import relative_residual
 from ..prox import threshold
 from .base import Solver
 
@@ -117,7 +116,9 @@ class Anderson(Solver):
     def _residual_guard(self, state, z, tz):
         if self.safeguard != "residual":
             return None, {}
-        res = relative_residual(z, tz)
+        # the absolute residual: a relative one grows while plain steps shrink ||z||, and the guard
+        # then cycles through the same bad accelerated step
+        res = (tz - z).flatten(1).norm(dim=-1)
         return res > state["res"], {"res": res}
 
     def _step_lasso(self, problem, state):
