@@ -176,54 +176,45 @@ def _iterate_adjoint(adjoint_map, g, method, tol, max_steps, mask=None):
     return u, steps, res
 
 
-class _ImplicitLasso(torch.autograd.Function):
+class _Implicit(torch.autograd.Function):
+    """Identity forward on T(z*); backward replaces the incoming g by u = (I - J^T)^{-1} g, which
+    then flows through T's dependence on the parameters. ``adjoint(zs, g) -> (u, steps, residual)``
+    is the adjoint solve (lasso active set, or a generic map's VJP)."""
+
     @staticmethod
-    def forward(out, zs, flat, options, stats):
+    def forward(out, zs, adjoint, method, tol, stats):
         return out.clone()
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _, zs, flat, options, stats = inputs
+        _, zs, adjoint, method, tol, stats = inputs
         ctx.save_for_backward(zs)
-        ctx.flat, ctx.options, ctx.stats = flat, options, stats
+        ctx.adjoint, ctx.method, ctx.tol, ctx.stats = adjoint, method, tol, stats
 
     @staticmethod
     def backward(ctx, g):
         (zs,) = ctx.saved_tensors
-        method, tol, max_steps, ridge = ctx.options
-        u, steps, rel = _lasso_adjoint(ctx.flat, zs, g, method, tol, max_steps, ridge)
-        _record_adjoint(ctx.stats, method, steps, rel, tol)
-        return u, None, None, None, None
+        u, steps, rel = ctx.adjoint(zs, g)
+        _record_adjoint(ctx.stats, ctx.method, steps, rel, ctx.tol)
+        return u, None, None, None, None, None
 
 
-class _ImplicitMap(torch.autograd.Function):
-    @staticmethod
-    def forward(out, zs, f, options, stats):
-        return out.clone()
+def _map_adjoint(f, method, tol, max_steps):
+    """The adjoint solve of a generic map: u = g + J^T u with J^T v from torch.func.vjp."""
 
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _, zs, f, options, stats = inputs
-        ctx.save_for_backward(zs)
-        ctx.f, ctx.options, ctx.stats = f, options, stats
-
-    @staticmethod
-    def backward(ctx, g):
-        (zs,) = ctx.saved_tensors
-        method, tol, max_steps = ctx.options
+    def adjoint(zs, g):
         with torch.enable_grad():
-            _, vjp_fn = torch.func.vjp(ctx.f, zs)
+            _, vjp_fn = torch.func.vjp(f, zs)
         shape = zs.shape
 
         def adjoint_map(u):
             return g.reshape(u.shape) + vjp_fn(u.reshape(shape))[0].reshape(u.shape)
 
-        if method == "cg":
-            raise ValueError("adjoint='cg' needs a symmetric system (sparse coding); use 'fixed_point' or 'anderson'")
         with torch.no_grad():
             u, steps, rel = _iterate_adjoint(adjoint_map, g.reshape(g.shape[0], -1), method, tol, max_steps)
-        _record_adjoint(ctx.stats, method, steps, rel, tol)
-        return u.reshape(shape), None, None, None, None
+        return u.reshape(shape), steps, rel
+
+    return adjoint
 
 
 def _record_adjoint(stats: AdjointStats | None, method, steps, rel, tol) -> None:
@@ -293,8 +284,9 @@ def sparse_code(
             _check_forward(sol, on_unconverged)
             sol.stats.adjoint = AdjointStats(method=adjoint)
             out = flat.T(zs)
-            z = _ImplicitLasso.apply(out, zs, flat, (adjoint, adjoint_tol, adjoint_max_steps, adjoint_ridge),
-                                     sol.stats.adjoint)
+            solve_adjoint = lambda zs_, g: _lasso_adjoint(  # noqa: E731
+                flat, zs_, g, adjoint, adjoint_tol, adjoint_max_steps, adjoint_ridge)
+            z = _Implicit.apply(out, zs, solve_adjoint, adjoint, adjoint_tol, sol.stats.adjoint)
         else:
             z = _phantom(flat.T, zs, phantom_steps, tau)
         z = z.reshape(problem.code_shape)
@@ -350,7 +342,8 @@ def fixed_point(
         if backward == "implicit":
             _check_forward(sol, on_unconverged)
             sol.stats.adjoint = AdjointStats(method=adjoint)
-            z = _ImplicitMap.apply(f(zs), zs, f, (adjoint, adjoint_tol, adjoint_max_steps), sol.stats.adjoint)
+            z = _Implicit.apply(f(zs), zs, _map_adjoint(f, adjoint, adjoint_tol, adjoint_max_steps), adjoint,
+                                adjoint_tol, sol.stats.adjoint)
         else:
             z = _phantom(f, zs, phantom_steps, tau)
         sol.z = z
