@@ -172,21 +172,30 @@ def test_solvers_agree_with_each_other_and_with_sklearn(case):
             assert bool((zerr <= 1e-4).all()), (name, zerr)
 
 
+_D2 = [[-0.5127618362523092, 0.277809156693393], [0.7853528833077547, -0.23047390399058734]]
+_CASES_2X2 = {  # x, lam, z*: found by the sklearn property above
+    "relative-guard cycle": ([-0.15595744154707583, 0.14811306662477774], 0.024536256004276693,
+                             [0.19524046829154248, 0.0]),
+    "absolute-guard cycle": ([-0.5977065499782365, 0.18215918630046884], 0.02683695926645058,
+                             [0.0, -1.390634603259]),
+}
+
+
 @pytest.mark.filterwarnings("ignore::vars_deq.ConvergenceWarning")
+@pytest.mark.parametrize("case", sorted(_CASES_2X2))
 @pytest.mark.parametrize("solver", [n for n in SOLVER_NAMES if n != "anderson_plain"])
-def test_guarded_solvers_converge_on_a_2x2_problem(solver):
-    """Regression (found by the sklearn property above): a 2 x 2 lasso that ISTA solves in 18
-    steps. Anderson with the residual safeguard cycled on it forever: its guard compares
-    *relative* residuals, which grow during plain steps while ||z|| shrinks, so every streak of
-    plain steps ended in the same bad accelerated step (residual ~0.05 after 30000 steps)."""
-    D = torch.tensor([[-0.5127618362523092, 0.277809156693393], [0.7853528833077547, -0.23047390399058734]],
-                     dtype=torch.float64)
-    x = torch.tensor([[-0.15595744154707583], [0.14811306662477774]], dtype=torch.float64)
-    prob = vd.SparseCoding(D, x, 0.024536256004276693)
+def test_guarded_solvers_converge_on_2x2_problems(solver, case):
+    """Regression: 2 x 2 lassos that ISTA solves in 18 and 208 steps. Anderson with the residual
+    safeguard cycled on them forever: the guard reacts only after a bad accelerated step, takes
+    one plain step from the bad point, and re-accelerates from the same memory into the same bad
+    point (a period-6 cycle at residual ~8e-3 on the second case, with relative or absolute
+    residuals alike)."""
+    x, lam, z_star = _CASES_2X2[case]
+    D = torch.tensor(_D2, dtype=torch.float64)
+    prob = vd.SparseCoding(D, torch.tensor(x, dtype=torch.float64)[:, None], lam)
     sol = vd.solve(prob, solver, max_steps=2000, tol=1e-10)
     assert bool(sol.converged), (solver, float(sol.stats.residual), int(sol.stats.steps))
-    torch.testing.assert_close(sol.z, torch.tensor([[0.19524046829154248], [0.0]], dtype=torch.float64),
-                               rtol=0, atol=1e-8)
+    torch.testing.assert_close(sol.z, torch.tensor(z_star, dtype=torch.float64)[:, None], rtol=0, atol=1e-8)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,8 +17,8 @@ Safeguards (per problem):
                 majorizer at the plain step, which bounds E(T z) from above; otherwise take T z.
                 Both branches give E(z_{k+1}) <= Q(T z_k; z_k) <= E(z_k): the energy never
                 increases. Accepting costs one Gram product per step, rejecting two.
-    "residual": if the fixed-point residual grew since the last step, take the plain step and
-                clear the memory (a heuristic; works on any map).
+    "residual": if the fixed-point residual is above the best one so far, take the plain step
+                and clear the memory (works on any map).
     None:       plain Anderson.
 """
 
@@ -119,7 +119,9 @@ class Anderson(Solver):
         # the absolute residual: a relative one grows while plain steps shrink ||z||, and the guard
         # then cycles through the same bad accelerated step
         res = (tz - z).flatten(1).norm(dim=-1)
-        return res > state["res"], {"res": res}
+        # against the best residual so far, not the last one: a plain (ISTA) step never raises the
+        # residual, so a run of plain steps gets below the best again and no cycle can sit above it
+        return res > state["res"], {"res": torch.minimum(res, state["res"])}
 
     def _step_lasso(self, problem, state):
         z, gz = state["z"], state["gz"]
