@@ -58,7 +58,7 @@ def _conv_module(draw, gen, H, label=""):
     ).double()
     with torch.no_grad():
         mod.kernels.copy_(torch.randn(mod.kernels.shape, generator=gen, dtype=torch.float64))
-    info = dict(padding=padding, prefix=prefix, grid=(h, w), kernel=k, K=K, heads=heads)
+    info = {"padding": padding, "prefix": prefix, "grid": (h, w), "kernel": k, "K": K, "heads": heads}
     return mod, prefix + h * w, info
 
 
@@ -66,7 +66,7 @@ def _performer_module(draw, gen, H, d, seed, label=""):
     m = draw(st.sampled_from([None, 1, 3, 7]), label=f"{label}num features")
     orth = draw(st.booleans(), label=f"{label}orthogonal")
     mod = vd.PerformerDictionary(d, num_features=m, num_heads=H, orthogonal=orth, seed=seed % 10_000).double()
-    return mod, dict(num_features=m, orthogonal=orth)
+    return mod, {"num_features": m, "orthogonal": orth}
 
 
 @st.composite
@@ -83,7 +83,7 @@ def bound_dictionaries(draw, kinds=KINDS):
         M = draw(st.integers(1, 12), label="M")
         lead = draw(st.sampled_from([(), (H,), (1, H), (B, H)] if kind == "tensor" else [(), (H,)]), label="D dims")
         W = torch.randn(*lead, N, M, generator=gen, dtype=torch.float64)
-        info = dict(D=tuple(W.shape))
+        info = {"D": tuple(W.shape)}
         q = torch.randn(B, H, N, d, generator=gen, dtype=torch.float64)
         if kind == "tensor":
             x = torch.randn(B, H, N, 1, generator=gen, dtype=torch.float64)
@@ -106,7 +106,7 @@ def bound_dictionaries(draw, kinds=KINDS):
         module = vd.UnionDictionary(perf, conv)
         q = torch.randn(B, H, N, d, generator=gen, dtype=torch.float64)
         op = module(q)
-        info = dict(padding=cinfo["padding"], conv=cinfo, performer=pinfo)
+        info = {"padding": cinfo["padding"], "conv": cinfo, "performer": pinfo}
     return Bound(kind, op, q, module, seed, info)
 
 
@@ -313,11 +313,11 @@ def test_conv_grid_size_must_hold_the_tokens():
 @pytest.mark.parametrize(
     "kwargs,name",
     [
-        (dict(num_kernels=0, kernel_size=3), "num_kernels"),
-        (dict(num_kernels=2, kernel_size=0), "kernel_size"),
-        (dict(num_kernels=2, kernel_size=3, num_heads=0), "num_heads"),
-        (dict(num_kernels=2, kernel_size=3, padding="reflect"), "padding"),
-        (dict(num_kernels=2, kernel_size=3, num_prefix_tokens=-1), "num_prefix_tokens"),
+        ({"num_kernels": 0, "kernel_size": 3}, "num_kernels"),
+        ({"num_kernels": 2, "kernel_size": 0}, "kernel_size"),
+        ({"num_kernels": 2, "kernel_size": 3, "num_heads": 0}, "num_heads"),
+        ({"num_kernels": 2, "kernel_size": 3, "padding": "reflect"}, "padding"),
+        ({"num_kernels": 2, "kernel_size": 3, "num_prefix_tokens": -1}, "num_prefix_tokens"),
     ],
 )
 def test_conv_bad_arguments_raise(kwargs, name):

@@ -6,10 +6,6 @@ import math
 
 import pytest
 import torch
-from hypothesis import given
-from hypothesis import strategies as st
-
-import vars_deq as vd
 from conftest import (
     DTYPES,
     dense_energy,
@@ -18,6 +14,10 @@ from conftest import (
     eps,
     lasso_cases,
 )
+from hypothesis import given
+from hypothesis import strategies as st
+
+import vars_deq as vd
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -58,7 +58,7 @@ def _dense_kkt(D, x, lam, z, nonneg):
 
 
 def _tols(dtype):
-    return dict(rtol=1e-11, atol=1e-11) if dtype == torch.float64 else dict(rtol=2e-4, atol=2e-4)
+    return {"rtol": 1e-11, "atol": 1e-11} if dtype == torch.float64 else {"rtol": 2e-4, "atol": 2e-4}
 
 
 # ---------------------------------------------------------------------------------------------
