@@ -12,7 +12,8 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 import vars_deq as vd
-from vars_deq.layers.vars_attention import DICTIONARY_KINDS, StaticAtoms
+from vars_deq.dictionaries.conv import StaticAtoms
+from vars_deq.layers.vars_attention import DICTIONARY_KINDS
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -42,7 +43,7 @@ def test_accepts_every_timm_attention_keyword():
 def test_defaults_follow_the_original_code():
     layer = _layer()
     sr = layer.vars
-    assert (layer.dictionary_kind, sr.solver, sr.max_steps, sr.tol, sr.backward) == ("sd", "ista", 5, None, "unroll")
+    assert (layer.dictionary_kind, sr.solver, sr.max_steps, sr.tol, sr.backward.name) == ("sd", "ista", 5, None, "unroll")
     assert float(sr.lam) == pytest.approx(0.3)
     assert layer.q is not None and not hasattr(layer, "k") and not hasattr(layer, "qkv")
 
@@ -145,7 +146,8 @@ def test_drop_in_with_dynamic_image_size():
         assert out.shape == (2, 3) and torch.isfinite(out).all()
         # the grid follows the image: (side/4)^2 grid tokens plus the class token
         assert attn.grid_prefix(1 + (side // 4) ** 2) == 1
-        assert attn.static_atoms.num_prefix_tokens == 1
+        # the inferred count is passed to the static atoms per call, never written into the module
+        assert attn.static_atoms.num_prefix_tokens == 0
 
 
 @pytest.mark.parametrize("class_token,reg_tokens", [(True, 0), (True, 3), (False, 2), (False, 0)])
@@ -157,7 +159,8 @@ def test_prefix_tokens_inferred_equal_given(class_token, reg_tokens):
     x = torch.randn(2, 1, 12, 12)
     inferred = model(x)
     attn = model.blocks[0].attn
-    assert attn.static_atoms.num_prefix_tokens == model.num_prefix_tokens == int(class_token) + reg_tokens
+    assert attn.grid_prefix(x.shape[-1] ** 2 // 16 + model.num_prefix_tokens) == model.num_prefix_tokens
+    assert model.num_prefix_tokens == int(class_token) + reg_tokens
     attn.num_prefix_tokens = model.num_prefix_tokens
     torch.testing.assert_close(model(x), inferred)
     assert torch.isfinite(inferred).all()
@@ -175,7 +178,7 @@ def test_prefix_tokens_get_identity_atoms_in_the_static_dictionary():
 def test_configure_reaches_the_solver():
     layer = _layer()
     layer.configure(solver="fista", max_steps=3, backward="phantom", lam=0.1)
-    assert (layer.vars.solver, layer.vars.max_steps, layer.vars.backward) == ("fista", 3, "phantom")
+    assert (layer.vars.solver, layer.vars.max_steps, layer.vars.backward.name) == ("fista", 3, "phantom")
     layer(_tokens(1 + GRID))
     assert float(layer.last_stats["steps"]) == 3
 

@@ -80,7 +80,7 @@ def test_layer_options_reach_every_vars_layer():
     assert len(layers) == 4
     for attn in layers:
         sr = attn.vars
-        assert (sr.solver, sr.max_steps, sr.backward, sr.lipschitz, sr.learn_lam) == ("fista", 3, "phantom",
+        assert (sr.solver, sr.max_steps, sr.backward, sr.lipschitz, sr.learn_lam) == ("fista", 3, vd.Phantom(),
                                                                                       "gershgorin", True)
         assert float(sr.lam.detach()) == pytest.approx(0.1, rel=1e-5)
         assert attn.static_atoms.num_kernels == 2 and attn.static_atoms.kernel_size == 3

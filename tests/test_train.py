@@ -312,7 +312,7 @@ def test_vars_model_implicit_bf16(tmp_path):
     model, ckpt = model_from_checkpoint(tmp_path / "checkpoint.pth", {"max_steps": 7})
     assert ckpt["config"]["layer_options"] == {"backward": "implicit", "solver": "fista", "max_steps": 3}
     layers = [m for m in model.modules() if isinstance(m, vd.SparseReconstruction)]
-    assert layers and all(m.backward == "implicit" and m.solver == "fista" and m.max_steps == 7 for m in layers)
+    assert layers and all(m.backward.name == "implicit" and m.solver == "fista" and m.max_steps == 7 for m in layers)
 
 
 @pytest.mark.slow

@@ -1,5 +1,9 @@
-"""vars_deq: VARS attention (recurrent sparse reconstruction) as a deep-equilibrium layer."""
+"""vars_deq: VARS attention (recurrent sparse reconstruction) as a deep-equilibrium layer.
 
+Importing the package registers the VARS models with timm (``timm.create_model("vars_sd_digits")``).
+"""
+
+from .backward import ADJOINTS, BACKWARDS, Backward, ConvergenceError, Implicit, Phantom, Unroll, fixed_point, sparse_code
 from .dictionaries import (
     ConvDictionary,
     DenseDictionary,
@@ -7,7 +11,6 @@ from .dictionaries import (
     PerformerDictionary,
     UnionDictionary,
 )
-from .backward import ADJOINTS, BACKWARDS, ConvergenceError, fixed_point, sparse_code
 from .equilibrium import ConvergenceWarning, Solution, SolveStats, solve
 from .layers import SparseReconstruction, VARSAttention, configure_layers, layer_stats
 from .problems import SparseCoding
@@ -34,10 +37,14 @@ __all__ = [
     "TorchDEQSolver",
     "SOLVERS",
     "make_solver",
-    "sparse_code",
-    "fixed_point",
+    "Backward",
+    "Implicit",
+    "Unroll",
+    "Phantom",
     "BACKWARDS",
     "ADJOINTS",
+    "sparse_code",
+    "fixed_point",
     "ConvergenceError",
     "SparseReconstruction",
     "configure_layers",

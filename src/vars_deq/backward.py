@@ -7,6 +7,11 @@ For z* = T(z*, theta) the implicit function theorem gives
 Every mode outputs one differentiable application of T at the detached equilibrium (so the
 output is exactly a value of T, sparse for lasso) and differs only in what flows back:
 
+Each mode is an object (:class:`Implicit`, :class:`Unroll`, :class:`Phantom`) that validates its
+fields at construction and has one method, ``attach``, which both :func:`sparse_code` and
+:func:`fixed_point` call; so any solver works with any backward. Strings are sugar for the
+defaults: ``backward="implicit"`` is ``Implicit()``.
+
 - ``implicit``: u from an adjoint solve. For the lasso map J = M (I - eta G) with M the active
   mask, so on the support eta G_SS u_S = g_S (symmetric positive definite: conjugate gradient,
   batched over problems and code columns; DESIGN.md section 6). Generic maps use a fixed-point
@@ -19,8 +24,11 @@ output is exactly a value of T, sparse for lasso) and differs only in what flows
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import warnings
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
 
 import torch
 
@@ -37,12 +45,14 @@ from .equilibrium import (
 )
 from .problems import LassoBatch, SparseCoding
 from .prox import active_mask
-from .solvers import Anderson, ISTA, Solver, make_solver
+from .solvers import ISTA, Anderson, LoopSolver, Solver, make_solver
 
-__all__ = ["sparse_code", "fixed_point", "BACKWARDS", "ADJOINTS", "ConvergenceError", "check_backward_options"]
+__all__ = ["Backward", "Implicit", "Unroll", "Phantom", "make_backward", "sparse_code", "fixed_point", "BACKWARDS",
+           "ADJOINTS", "ConvergenceError", "FLAT_BACKWARD_KEYS"]
 
-BACKWARDS = ("implicit", "unroll", "phantom")
-ADJOINTS = ("cg", "fixed_point", "anderson")
+ADJOINTS = ("auto", "cg", "fixed_point", "anderson")
+#: adjoint solves that need the lasso's symmetric support system
+LASSO_ONLY_ADJOINTS = ("cg",)
 UNCONVERGED = ("warn", "error", "ignore")
 
 
@@ -50,29 +60,173 @@ class ConvergenceError(RuntimeError):
     """An implicit backward was asked for after a forward that did not converge (on_unconverged="error")."""
 
 
-def check_backward_options(backward, adjoint, adjoint_tol, adjoint_max_steps, phantom_steps, tau, on_unconverged):
-    if backward not in BACKWARDS:
-        raise ValueError(f"backward must be one of {BACKWARDS}, got {backward!r}")
-    if adjoint is not None and adjoint not in ADJOINTS:
-        raise ValueError(f"adjoint must be one of {ADJOINTS}, got {adjoint!r}")
-    if not (isinstance(adjoint_tol, (int, float)) and adjoint_tol > 0):
-        raise ValueError(f"adjoint_tol must be a number > 0, got {adjoint_tol!r}")
-    if isinstance(adjoint_max_steps, bool) or not isinstance(adjoint_max_steps, int) or adjoint_max_steps < 1:
-        raise ValueError(f"adjoint_max_steps must be an int >= 1, got {adjoint_max_steps!r}")
-    if isinstance(phantom_steps, bool) or not isinstance(phantom_steps, int) or phantom_steps < 1:
-        raise ValueError(f"phantom_steps must be an int >= 1, got {phantom_steps!r}")
-    if not (isinstance(tau, (int, float)) and 0 < tau <= 1):
-        raise ValueError(f"tau must be in (0, 1], got {tau!r}")
-    if on_unconverged not in UNCONVERGED:
-        raise ValueError(f"on_unconverged must be one of {UNCONVERGED}, got {on_unconverged!r}")
+def _flat(name: str, default: Any) -> Any:
+    """A backward field that flat keyword sugar (``adjoint_tol=...``, the CLI's ``--adjoint-tol``) also sets."""
+    return field(default=default, metadata={"flat": name})
 
 
-def _check_unrollable(solver, backward: str) -> None:
-    if backward == "unroll" and hasattr(solver, "solve_all"):
-        raise ValueError(
-            f"backward='unroll' needs a solver whose steps autograd can record; {solver!r} runs TorchDEQ's loop "
-            "without gradient: use backward='implicit' or 'phantom'"
-        )
+class Backward:
+    """How gradients flow through an equilibrium z* = T(z*). One method, :meth:`attach`, serves
+    lasso problems and generic maps alike."""
+
+    name: ClassVar[str]
+
+    def attach(self, eq: "_Equilibrium") -> tuple[torch.Tensor, Solution]:
+        """Run the forward of ``eq`` and return (z flat, its Solution) with this mode's gradient."""
+        raise TypeError(f"{type(self).__name__} does not define attach")
+
+    def check(self, solver: Solver, lasso: bool) -> None:
+        """Refuse a solver or problem kind this mode cannot differentiate (at call time, before solving)."""
+
+    @classmethod
+    def flat_keys(cls) -> dict[str, str]:
+        """Flat keyword -> field name of this mode's options."""
+        return {f.metadata["flat"]: f.name for f in dataclasses.fields(cls) if "flat" in f.metadata}
+
+
+@dataclass(frozen=True)
+class Implicit(Backward):
+    """Implicit differentiation: u = (I - J^T)^{-1} g by an adjoint solve at the detached equilibrium.
+
+    Args:
+        adjoint: "auto" (default: "cg" for lasso problems, "anderson" for generic maps), "cg" on the
+            lasso's active set (DESIGN.md section 6), "fixed_point" or "anderson" on u = g + J^T u.
+        tol: the adjoint's residual, relative to the right-hand side g.
+        max_steps: most adjoint iterations.
+        ridge: >= 0; solves the damped support system (eta G_SS + ridge I) u_S = g_S: exact at 0,
+            and well posed when a short unconverged forward leaves a support larger than the
+            token count (G_SS singular).
+        on_unconverged: after a forward that did not converge, "warn", "error" (raise
+            :class:`ConvergenceError`) or "ignore".
+    """
+
+    name: ClassVar[str] = "implicit"
+    adjoint: str = _flat("adjoint", "auto")
+    tol: float = _flat("adjoint_tol", 1e-6)
+    max_steps: int = _flat("adjoint_max_steps", 200)
+    ridge: float = _flat("adjoint_ridge", 0.0)
+    on_unconverged: str = _flat("on_unconverged", "warn")
+
+    def __post_init__(self):
+        if self.adjoint not in ADJOINTS:
+            raise ValueError(f"adjoint must be one of {ADJOINTS}, got {self.adjoint!r}")
+        if not _positive(self.tol):
+            raise ValueError(f"adjoint_tol (Implicit.tol) must be a number > 0, got {self.tol!r}")
+        if not _count(self.max_steps, 1):
+            raise ValueError(f"adjoint_max_steps (Implicit.max_steps) must be an int >= 1, got {self.max_steps!r}")
+        if not (_number(self.ridge) and self.ridge >= 0):
+            raise ValueError(f"adjoint_ridge (Implicit.ridge) must be a number >= 0, got {self.ridge!r}")
+        if self.on_unconverged not in UNCONVERGED:
+            raise ValueError(f"on_unconverged must be one of {UNCONVERGED}, got {self.on_unconverged!r}")
+
+    def check(self, solver, lasso):
+        if not lasso and self.adjoint in LASSO_ONLY_ADJOINTS:
+            raise ValueError(f"adjoint={self.adjoint!r} needs a symmetric system (sparse coding); use 'fixed_point', "
+                             "'anderson' or 'auto'")
+
+    def method(self, lasso: bool) -> str:
+        """The adjoint solve that runs: "auto" resolved for the problem kind."""
+        if self.adjoint != "auto":
+            return self.adjoint
+        return "cg" if lasso else "anderson"
+
+    def attach(self, eq):
+        with torch.no_grad():
+            sol = eq.solve()
+        zs = sol.z.detach()
+        _check_forward(sol, self.on_unconverged)
+        method = self.method(eq.lasso)
+        sol.stats.adjoint = AdjointStats(method=method)
+        solve_adjoint = eq.adjoint(method, self.tol, self.max_steps, self.ridge)
+        z = _ImplicitFn.apply(eq.T(zs), zs, solve_adjoint, method, self.tol, sol.stats.adjoint)
+        return z, sol
+
+
+@dataclass(frozen=True)
+class Unroll(Backward):
+    """Backpropagation through every forward step (what the original VARS code does)."""
+
+    name: ClassVar[str] = "unroll"
+
+    def check(self, solver, lasso):
+        if isinstance(solver, LoopSolver):
+            raise ValueError(
+                f"backward='unroll' needs a solver whose steps autograd can record; {solver!r} runs its own loop "
+                "without gradient: use backward='implicit' or 'phantom'"
+            )
+
+    def attach(self, eq):
+        sol = eq.solve()
+        return sol.z, sol
+
+
+@dataclass(frozen=True)
+class Phantom(Backward):
+    """Phantom gradient (Geng et al., "On Training Implicit Models", NeurIPS 2021): from the
+    detached equilibrium, ``steps - 1`` damped steps z <- (1 - tau) z + tau T(z) and one final T;
+    ``steps=1`` is Jacobian-free backprop (Fung et al., AAAI 2022)."""
+
+    name: ClassVar[str] = "phantom"
+    steps: int = _flat("phantom_steps", 1)
+    tau: float = _flat("tau", 1.0)
+
+    def __post_init__(self):
+        if not _count(self.steps, 1):
+            raise ValueError(f"phantom_steps (Phantom.steps) must be an int >= 1, got {self.steps!r}")
+        if not (_number(self.tau) and 0 < self.tau <= 1):
+            raise ValueError(f"tau must be in (0, 1], got {self.tau!r}")
+
+    def attach(self, eq):
+        with torch.no_grad():
+            sol = eq.solve()
+        z = sol.z.detach()
+        for _ in range(self.steps - 1):
+            z = (1 - self.tau) * z + self.tau * eq.T(z)
+        return eq.T(z), sol
+
+
+BACKWARD_TYPES: dict[str, type[Backward]] = {cls.name: cls for cls in (Implicit, Unroll, Phantom)}
+BACKWARDS = tuple(BACKWARD_TYPES)
+#: flat keyword sugar for backward fields -> the mode it configures (declared once, on the fields)
+FLAT_BACKWARD_KEYS: dict[str, str] = {k: cls.name for cls in BACKWARD_TYPES.values() for k in cls.flat_keys()}
+
+
+def make_backward(spec: "str | Backward" = "implicit", **flat: Any) -> Backward:
+    """A backward object from a name in BACKWARDS or an object, refined by flat keywords.
+
+    ``make_backward("implicit", adjoint_tol=1e-8)`` is ``Implicit(tol=1e-8)``; a flat keyword of
+    another mode (``phantom_steps`` with "implicit") is an error, never silently ignored.
+    """
+    if isinstance(spec, Backward):
+        backward = spec
+    elif isinstance(spec, str) and spec in BACKWARD_TYPES:
+        backward = BACKWARD_TYPES[spec]()
+    else:
+        raise ValueError(f"backward must be one of {BACKWARDS} or a Backward object (vd.Implicit(...)), got {spec!r}")
+    unknown = sorted(set(flat) - set(FLAT_BACKWARD_KEYS))
+    if unknown:
+        raise ValueError(f"unknown backward option(s) {unknown}; valid: {sorted(FLAT_BACKWARD_KEYS)}")
+    if not flat:
+        return backward
+    keys = type(backward).flat_keys()
+    foreign = sorted(set(flat) - set(keys))
+    if foreign:
+        modes = sorted({FLAT_BACKWARD_KEYS[k] for k in foreign})
+        raise ValueError(f"{foreign} configure backward {' / '.join(repr(m) for m in modes)}, but backward is "
+                         f"{backward.name!r}")
+    return dataclasses.replace(backward, **{keys[k]: v for k, v in flat.items()})
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _positive(v) -> bool:
+    return _number(v) and v > 0
+
+
+def _count(v, low: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= low
 
 
 def _check_forward(sol: Solution, on_unconverged: str) -> None:
@@ -176,7 +330,7 @@ def _iterate_adjoint(adjoint_map, g, method, tol, max_steps, mask=None):
     return u, steps, res
 
 
-class _Implicit(torch.autograd.Function):
+class _ImplicitFn(torch.autograd.Function):
     """Identity forward on T(z*); backward replaces the incoming g by u = (I - J^T)^{-1} g, which
     then flows through T's dependence on the parameters. ``adjoint(zs, g) -> (u, steps, residual)``
     is the adjoint solve (lasso active set, or a generic map's VJP)."""
@@ -231,127 +385,130 @@ def _record_adjoint(stats: AdjointStats | None, method, steps, rel, tol) -> None
         )
 
 
+# -- the equilibria a backward attaches to -----------------------------------------------------
+
+
+class _Equilibrium:
+    """What a backward needs of a problem: the forward solve, the map T on flat codes, and the
+    adjoint solve. ``lasso`` says which adjoint solves apply."""
+
+    lasso: bool
+    solver: Solver
+
+    def solve(self) -> Solution:
+        raise TypeError
+
+    def T(self, z: torch.Tensor) -> torch.Tensor:
+        raise TypeError
+
+    def adjoint(self, method: str, tol: float, max_steps: int, ridge: float) -> Callable:
+        raise TypeError
+
+
+class _LassoEquilibrium(_Equilibrium):
+    lasso = True
+
+    def __init__(self, problem: SparseCoding, solver, max_steps, tol, z0):
+        self.problem, self.solver, self.max_steps, self.tol, self.z0 = problem, solver, max_steps, tol, z0
+        self.flat = problem.flat()
+
+    def solve(self):
+        sol = solve_quietly(self.problem, self.solver, self.max_steps, self.tol, self.z0)
+        sol.z = sol.z.reshape(self.flat.b.shape)
+        return sol
+
+    def T(self, z):
+        return self.flat.T(z)
+
+    def adjoint(self, method, tol, max_steps, ridge):
+        return lambda zs, g: _lasso_adjoint(self.flat, zs, g, method, tol, max_steps, ridge)
+
+
+class _MapEquilibrium(_Equilibrium):
+    lasso = False
+
+    def __init__(self, f, z0, solver, max_steps, tol):
+        self.f, self.z0, self.solver, self.max_steps, self.tol = f, z0, solver, max_steps, tol
+        self.batch = MapBatch(f, z0.shape)
+        solver.check(self.batch)
+
+    def solve(self):
+        P = self.z0.shape[0]
+        z, steps, residual, rt, _ = run(self.batch, self.solver, self.z0.reshape(P, -1), self.max_steps, self.tol,
+                                        False)
+        sol = package(self.z0.shape[:1], self.z0.shape, z, steps, residual, rt, None, self.solver, self.max_steps,
+                      self.tol)
+        return sol
+
+    def T(self, z):
+        return self.f(z)
+
+    def adjoint(self, method, tol, max_steps, ridge):
+        if ridge:
+            raise ValueError("adjoint_ridge (Implicit.ridge) damps the lasso's support system; a generic map has none")
+        return _map_adjoint(self.f, method, tol, max_steps)
+
+
 # -- public entry points -----------------------------------------------------------------------
 
 
 def sparse_code(
     problem: SparseCoding,
     solver: str | Solver = "anderson",
-    backward: str = "implicit",
+    backward: str | Backward = "implicit",
     max_steps: int = 100,
     tol: float | None = 1e-4,
     z0: torch.Tensor | str | None = None,
-    adjoint: str = "cg",
-    adjoint_tol: float = 1e-6,
-    adjoint_max_steps: int = 200,
-    adjoint_ridge: float = 0.0,
-    phantom_steps: int = 1,
-    tau: float = 1.0,
-    on_unconverged: str = "warn",
     return_solution: bool = False,
+    **backward_options: Any,
 ):
     """The lasso equilibrium z* (..., M, C), differentiable w.r.t. x, lam and the dictionary.
 
     Args:
         problem: a :class:`SparseCoding`.
         solver, max_steps, tol, z0: the forward solve (see :func:`vars_deq.solve`).
-        backward: "implicit", "unroll" or "phantom" (any of them with any solver).
-        adjoint: the implicit adjoint solve: "cg" on the active set (default), "fixed_point" or
-            "anderson"; ``adjoint_tol`` (residual relative to the right-hand side) and
-            ``adjoint_max_steps`` bound it. ``adjoint_ridge`` > 0 solves the damped support system
-            (eta G_SS + ridge I) u_S = g_S: exact at 0, and well posed when a short unconverged
-            forward leaves a support larger than the token count (G_SS singular).
-        phantom_steps, tau: k and the damping of the phantom gradient.
-        on_unconverged: what an implicit backward does after an unconverged forward:
-            "warn" (default), "error" (raise :class:`ConvergenceError`) or "ignore".
+        backward: ``Implicit(...)``, ``Unroll()`` or ``Phantom(...)`` (any of them with any step
+            solver), or a name in BACKWARDS for the defaults.
+        backward_options: flat sugar for the backward's fields (``adjoint``, ``adjoint_tol``,
+            ``adjoint_max_steps``, ``adjoint_ridge``, ``on_unconverged`` of Implicit;
+            ``phantom_steps``, ``tau`` of Phantom).
         return_solution: also return the forward :class:`Solution`; after ``backward()`` its
-            ``stats.adjoint`` holds the adjoint solve's steps and residual.
+            ``stats.adjoint`` holds the adjoint solve's method, steps and residual.
     """
-    check_backward_options(backward, adjoint, adjoint_tol, adjoint_max_steps, phantom_steps, tau, on_unconverged)
-    if not (isinstance(adjoint_ridge, (int, float)) and adjoint_ridge >= 0):
-        raise ValueError(f"adjoint_ridge must be a number >= 0, got {adjoint_ridge!r}")
+    backward = make_backward(backward, **backward_options)
+    if not isinstance(problem, SparseCoding):
+        raise ValueError(f"problem must be a SparseCoding, got {type(problem).__name__}")
     solver = make_solver(solver)
-    _check_unrollable(solver, backward)
-    if backward == "unroll":
-        sol = solve_quietly(problem, solver, max_steps, tol, z0)
-        z = sol.z
-    else:
-        with torch.no_grad():
-            sol = solve_quietly(problem, solver, max_steps, tol, z0)
-        flat = problem.flat()
-        zs = sol.z.detach().reshape(flat.b.shape)
-        if backward == "implicit":
-            _check_forward(sol, on_unconverged)
-            sol.stats.adjoint = AdjointStats(method=adjoint)
-            out = flat.T(zs)
-            solve_adjoint = lambda zs_, g: _lasso_adjoint(  # noqa: E731
-                flat, zs_, g, adjoint, adjoint_tol, adjoint_max_steps, adjoint_ridge)
-            z = _Implicit.apply(out, zs, solve_adjoint, adjoint, adjoint_tol, sol.stats.adjoint)
-        else:
-            z = _phantom(flat.T, zs, phantom_steps, tau)
-        z = z.reshape(problem.code_shape)
-        sol.z = z
-    return (z, sol) if return_solution else z
+    backward.check(solver, lasso=True)
+    check_loop_args(max_steps, tol)
+    z, sol = backward.attach(_LassoEquilibrium(problem, solver, max_steps, tol, z0))
+    sol.z = z.reshape(problem.code_shape)
+    return (sol.z, sol) if return_solution else sol.z
 
 
 def fixed_point(
     f: Callable[[torch.Tensor], torch.Tensor],
     z0: torch.Tensor,
     solver: str | Solver = "anderson",
-    backward: str = "implicit",
+    backward: str | Backward = "implicit",
     max_steps: int = 50,
     tol: float | None = 1e-4,
-    adjoint: str = "anderson",
-    adjoint_tol: float = 1e-6,
-    adjoint_max_steps: int = 200,
-    phantom_steps: int = 1,
-    tau: float = 1.0,
-    on_unconverged: str = "warn",
     return_solution: bool = False,
+    **backward_options: Any,
 ):
     """The fixed point z* = f(z*) of any DEQ map, differentiable w.r.t. what f closes over.
 
     ``z0`` (B, ...): its first dim indexes independent problems (each stops on its own; f is
     applied to the whole batch). Solvers: "ista" (plain iteration), "anderson" (residual
-    safeguard), a torchdeq backend, or a solver object that works on generic maps.
+    safeguard), a torchdeq backend, or a solver object that works on generic maps. ``backward``
+    and ``backward_options`` as in :func:`sparse_code` (the implicit adjoint "auto" is Anderson).
     """
-    check_backward_options(backward, adjoint, adjoint_tol, adjoint_max_steps, phantom_steps, tau, on_unconverged)
+    backward = make_backward(backward, **backward_options)
     if not isinstance(z0, torch.Tensor) or z0.dim() < 1:
         raise ValueError("z0 must be a tensor whose first dim indexes the problems")
-    if adjoint == "cg":
-        raise ValueError("adjoint='cg' needs a symmetric system (sparse coding); use 'fixed_point' or 'anderson'")
     solver = make_solver(solver, generic=True)
-    _check_unrollable(solver, backward)
+    backward.check(solver, lasso=False)
     check_loop_args(max_steps, tol)
-    flat = MapBatch(f, z0.shape)
-    solver.check(flat)
-    P = z0.shape[0]
-    z0f = z0.reshape(P, -1)
-
-    def solve_flat():
-        z, steps, residual, rt, _ = run(flat, solver, z0f, max_steps, tol, False)
-        return package(z0.shape[:1], z0.shape, z, steps, residual, rt, None, solver, max_steps, tol)
-
-    if backward == "unroll":
-        sol = solve_flat()
-        z = sol.z
-    else:
-        with torch.no_grad():
-            sol = solve_flat()
-        zs = sol.z.detach()
-        if backward == "implicit":
-            _check_forward(sol, on_unconverged)
-            sol.stats.adjoint = AdjointStats(method=adjoint)
-            z = _Implicit.apply(f(zs), zs, _map_adjoint(f, adjoint, adjoint_tol, adjoint_max_steps), adjoint,
-                                adjoint_tol, sol.stats.adjoint)
-        else:
-            z = _phantom(f, zs, phantom_steps, tau)
-        sol.z = z
+    z, sol = backward.attach(_MapEquilibrium(f, z0, solver, max_steps, tol))
+    sol.z = z
     return (z, sol) if return_solution else z
-
-
-def _phantom(T, zs, k, tau):
-    z = zs
-    for _ in range(k - 1):
-        z = (1 - tau) * z + tau * T(z)
-    return T(z)

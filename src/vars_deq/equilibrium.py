@@ -19,10 +19,10 @@ from typing import Callable
 import torch
 
 from .problems import LassoBatch, SparseCoding, relative_residual
-from .solvers import Solver, make_solver
+from .solvers import LoopSolver, Solver, make_solver
 from .solvers.base import take_state
 
-__all__ = ["solve", "Solution", "SolveStats", "ConvergenceWarning", "REPORT_TOL", "INITS", "MapBatch"]
+__all__ = ["solve", "Solution", "SolveStats", "ConvergenceWarning"]
 
 #: fixed-step runs (tol=None) report a problem as converged when its residual is below this
 REPORT_TOL = 1e-4
@@ -226,7 +226,7 @@ def run(flat, solver: Solver, z0: torch.Tensor, max_steps: int, tol: float | Non
             res = relative_residual(z0, flat.T(z0))
         steps = torch.zeros(P, dtype=torch.long, device=dev)
         return z0, steps, res, None, None
-    if hasattr(solver, "solve_all"):  # a backend that owns its loop (TorchDEQ)
+    if isinstance(solver, LoopSolver):
         record = [] if trace else None
         z, steps = solver.solve_all(flat, z0, max_steps, tol, record)
         with torch.no_grad():
@@ -247,11 +247,10 @@ def _energy(flat, solver, state):
 
 
 def _run_fixed(flat, solver, z0, max_steps, trace, lasso):
-    flat.sync_ok = False
     state = solver.init(flat, z0)
     rt, et = [], []
     for _ in range(max_steps):
-        state, p, tp = solver.step(flat, state)
+        state, p, tp = solver.step(flat, state, may_sync=False)
         with torch.no_grad():
             res = relative_residual(p, tp)
         if trace:
@@ -267,14 +266,13 @@ def _run_compacting(flat: LassoBatch, solver, z0, max_steps, tol, trace, times=N
     dev = z0.device
     active = torch.arange(P, device=dev)
     sub = flat
-    sub.sync_ok = True
     state = solver.init(sub, z0)
     steps = torch.zeros(P, dtype=torch.long, device=dev)
     residual = torch.full((P,), math.inf, dtype=z0.dtype, device=dev)
     idx_parts, val_parts, rt, et = [], [], [], []
     start = time.perf_counter()
     for k in range(max_steps):
-        state, p, tp = solver.step(sub, state)
+        state, p, tp = solver.step(sub, state, may_sync=True)  # this loop syncs once a step anyway
         with torch.no_grad():
             res = relative_residual(p, tp)
         residual[active] = res
@@ -302,7 +300,6 @@ def _run_compacting(flat: LassoBatch, solver, z0, max_steps, tol, trace, times=N
                 break
             active = active[keep]
             sub = sub.take(keep)
-            sub.sync_ok = True
             state = take_state(state, keep)
     idx = torch.cat(idx_parts)
     vals = torch.cat(val_parts)
@@ -312,7 +309,6 @@ def _run_compacting(flat: LassoBatch, solver, z0, max_steps, tol, trace, times=N
 
 def _run_frozen(flat, solver, z0, max_steps, tol, trace, residual_scale=None):
     """Whole-batch iteration until every problem is below tol; stopped problems keep their output."""
-    flat.sync_ok = False
     P = z0.shape[0]
     dev = z0.device
     state = solver.init(flat, z0)
@@ -321,7 +317,8 @@ def _run_frozen(flat, solver, z0, max_steps, tol, trace, residual_scale=None):
     residual = torch.full((P,), math.inf, dtype=z0.dtype, device=dev)
     out, rt = None, []
     for k in range(max_steps):
-        state, p, tp = solver.step(flat, state)
+        # no sync inside the step: the loop's own check below is the one sync per step
+        state, p, tp = solver.step(flat, state, may_sync=False)
         with torch.no_grad():
             res = relative_residual(p, tp) if residual_scale is None else (tp - p).flatten(1).norm(dim=-1) / residual_scale
         live = ~frozen

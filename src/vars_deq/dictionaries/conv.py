@@ -19,16 +19,22 @@ dictionary can reconstruct them and the operator stays block diagonal (L = max(L
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
 from .base import DictionaryOperator, check_lipschitz_mode, flat_size
+from .dense import DenseOperator
 
-__all__ = ["ConvDictionary", "ConvOperator", "PADDINGS", "grid_shape"]
+__all__ = ["ConvDictionary", "ConvOperator", "StaticAtoms", "MaterializedConvOperator", "PADDINGS", "STATIC_IMPLS",
+           "grid_shape"]
 
 PADDINGS = ("circular", "zero")
+STATIC_IMPLS = ("auto", "fft", "dense")
+#: "auto" materializes the static atoms up to this many (K * h * w): on small grids the per-transform
+#: cost of many tiny FFTs exceeds a dense product (measured 2-3x slower on CPU for an 8 x 8 grid).
+DENSE_STATIC_MAX_ATOMS = 256
 
 
 def grid_shape(num_grid_tokens: int, grid_size: tuple[int, int] | None = None) -> tuple[int, int]:
@@ -216,11 +222,14 @@ class ConvDictionary(nn.Module):
             k = k / k.flatten(-2).norm(dim=-1)[..., None, None].clamp_min(1e-6)
         return k
 
-    def forward(self, source: torch.Tensor) -> ConvOperator:
-        """Bind to an input (..., H, N, d): only its token count N (the grid) is read."""
-        num_tokens = source.shape[-2]
-        grid = grid_shape(num_tokens - self.num_prefix_tokens, self.grid_size)
-        return ConvOperator(self.templates(), grid, self.padding, self.num_prefix_tokens)
+    def forward(self, source: torch.Tensor, num_prefix_tokens: int | None = None) -> ConvOperator:
+        """Bind to an input (..., H, N, d): only its token count N (the grid) is read.
+
+        ``num_prefix_tokens`` overrides the module's count for this call (an attention layer that
+        infers it from the input size passes it; the module is not changed)."""
+        prefix = self.num_prefix_tokens if num_prefix_tokens is None else num_prefix_tokens
+        grid = grid_shape(source.shape[-2] - prefix, self.grid_size)
+        return ConvOperator(self.templates(), grid, self.padding, prefix)
 
     def num_atoms(self, num_tokens: int) -> int:
         return self.num_prefix_tokens + self.num_kernels * (num_tokens - self.num_prefix_tokens)
@@ -230,3 +239,63 @@ class ConvDictionary(nn.Module):
             f"num_kernels={self.num_kernels}, kernel_size={self.kernel_size}, num_heads={self.num_heads}, "
             f"padding={self.padding!r}, num_prefix_tokens={self.num_prefix_tokens}"
         )
+
+
+class MaterializedConvOperator(DenseOperator):
+    """Static atoms as an explicit matrix that keeps the convolution's Lipschitz bound.
+
+    The dense products are faster than many tiny FFTs on small grids, but the generic dense bound
+    would run an eigenvalue solve per problem on atoms every problem shares; the convolution's
+    bound (from its spectrum, per head) is the same number at no cost.
+    """
+
+    def __init__(self, weight, bounds, gram=None, use_gram=None):
+        super().__init__(weight, gram, use_gram)
+        self.bounds = bounds  # mode -> (*batch,) bound, computed lazily from ``conv`` at bind time
+
+    @classmethod
+    def from_conv(cls, conv) -> "MaterializedConvOperator":
+        bounds = {mode: (lambda m=mode: conv.lipschitz(m)) for mode in ("exact", "power", "gershgorin")}
+        return cls(conv.materialize(), bounds)
+
+    def _rebind(self, dense: DenseOperator, reshape) -> "MaterializedConvOperator":
+        bounds = {mode: (lambda f=f: reshape(f())) for mode, f in self.bounds.items()}
+        return MaterializedConvOperator(dense.weight, bounds, dense.gram, dense.use_gram)
+
+    def flatten(self, batch_shape):
+        dense = super().flatten(batch_shape)
+        shared = dense.weight.shape[0] == 1
+        return self._rebind(dense, lambda b: b.reshape(1) if shared else b.expand(*batch_shape).reshape(-1))
+
+    def take(self, index):
+        dense = super().take(index)
+        return self if dense is self else self._rebind(dense, lambda b: b[index])
+
+    def lipschitz(self, mode: str = "exact") -> torch.Tensor:
+        check_lipschitz_mode(mode)
+        return self.bounds[mode]()
+
+
+class StaticAtoms(ConvDictionary):
+    """The VARS-S dictionary of :class:`ConvDictionary`, applied by FFT or as materialized atoms.
+
+    Same parameters (and state_dict) as ConvDictionary; ``impl`` only picks how D z and D^T x are
+    computed: "fft", "dense" (D = the decode of the identity, once per forward, then matrix
+    products) or "auto".
+    """
+
+    def __init__(self, *args: Any, impl: str = "auto", **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        if impl not in STATIC_IMPLS:
+            raise ValueError(f"static_impl must be one of {STATIC_IMPLS}, got {impl!r}")
+        self.impl = impl
+
+    def forward(self, source: torch.Tensor, num_prefix_tokens: int | None = None) -> DictionaryOperator:
+        op = super().forward(source, num_prefix_tokens)
+        grid_atoms = op.num_atoms - op.num_prefix
+        if self.impl == "dense" or (self.impl == "auto" and grid_atoms <= DENSE_STATIC_MAX_ATOMS):
+            return MaterializedConvOperator.from_conv(op)
+        return op
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, impl={self.impl!r}"

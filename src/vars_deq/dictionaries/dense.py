@@ -98,7 +98,7 @@ class DenseDictionary(nn.Module):
     def num_atoms(self) -> int:
         return self.weight.shape[-1]
 
-    def forward(self, source: torch.Tensor | None = None) -> DenseOperator:
+    def forward(self, source: torch.Tensor | None = None, num_prefix_tokens: int | None = None) -> DenseOperator:
         if source is not None and source.shape[-2] != self.num_tokens:
             raise ValueError(
                 f"DenseDictionary has atoms over N={self.num_tokens} tokens, input has {source.shape[-2]}"

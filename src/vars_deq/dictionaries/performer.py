@@ -89,7 +89,8 @@ class PerformerDictionary(nn.Module):
             d = d / d.norm(dim=-2, keepdim=True).clamp_min(1e-6)
         return d
 
-    def forward(self, q: torch.Tensor) -> DenseOperator:
+    def forward(self, q: torch.Tensor, num_prefix_tokens: int | None = None) -> DenseOperator:
+        """Bind to queries (..., H, N, head_dim); prefix tokens are tokens like any other here."""
         return DenseOperator(self.atoms(q))
 
     def extra_repr(self) -> str:

@@ -57,5 +57,5 @@ class UnionDictionary(nn.Module):
         super().__init__()
         self.a, self.b = a, b
 
-    def forward(self, source: torch.Tensor) -> UnionOperator:
-        return UnionOperator(self.a(source), self.b(source))
+    def forward(self, source: torch.Tensor, num_prefix_tokens: int | None = None) -> UnionOperator:
+        return UnionOperator(self.a(source, num_prefix_tokens), self.b(source, num_prefix_tokens))

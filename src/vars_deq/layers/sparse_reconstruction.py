@@ -2,25 +2,34 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..backward import check_backward_options, sparse_code
+from ..backward import FLAT_BACKWARD_KEYS, Backward, Implicit, make_backward, sparse_code
 from ..dictionaries.base import check_lipschitz_mode
-from ..equilibrium import INITS, REPORT_TOL, check_loop_args
+from ..equilibrium import INITS, REPORT_TOL, Solution, SolveStats, check_loop_args
 from ..problems import SparseCoding
 from ..solvers import Solver, make_solver
 
-__all__ = ["SparseReconstruction", "configure_layers", "layer_stats"]
+__all__ = ["SparseReconstruction", "configure_layers", "layer_stats", "RUNTIME_OPTIONS"]
 
-#: the layer's default damping of the implicit adjoint: layers run short, unconverged forwards
-#: (5 steps) whose support can exceed the token count, where the exact system is singular
+#: the layer's damping of the implicit adjoint when ``backward="implicit"`` is given by name:
+#: layers run short, unconverged forwards (5 steps) whose support can exceed the token count,
+#: where the exact system is singular. A ``vd.Implicit(...)`` object is used as given.
 LAYER_ADJOINT_RIDGE = 1e-3
 
-_BACKWARD_KEYS = ("adjoint", "adjoint_tol", "adjoint_max_steps", "adjoint_ridge", "phantom_steps", "tau",
-                  "on_unconverged")
+#: "not given" for configure's keywords (None is a valid tol)
+_KEEP: Any = object()
+
+
+def layer_backward(spec: "str | Backward", **flat: Any) -> Backward:
+    """The backward object of a layer: names resolve with the layer's presets, then flat keywords refine it."""
+    if isinstance(spec, str) and spec == Implicit.name:
+        spec = Implicit(ridge=LAYER_ADJOINT_RIDGE)
+    return make_backward(spec, **flat)
 
 
 class SparseReconstruction(nn.Module):
@@ -41,10 +50,10 @@ class SparseReconstruction(nn.Module):
         learn_lam: make lam a parameter, kept positive through lam = softplus(raw).
         solver, max_steps, tol, init: the forward solve ("ista", 5 steps, fixed, "encode" follow
             the original VARS code).
-        backward: "unroll" (original code), "implicit" or "phantom"; ``backward_options`` are
-            passed to :func:`vars_deq.sparse_code` (adjoint, adjoint_tol, adjoint_max_steps,
-            adjoint_ridge (default here 1e-3, see LAYER_ADJOINT_RIDGE), phantom_steps, tau,
-            on_unconverged).
+        backward: ``vd.Unroll()`` (the original code; "unroll"), ``vd.Implicit(...)`` or
+            ``vd.Phantom(...)``, or their names. By name, "implicit" damps the adjoint with
+            ``LAYER_ADJOINT_RIDGE``; ``backward_options`` are flat sugar for the backward's fields
+            (adjoint, adjoint_tol, adjoint_max_steps, adjoint_ridge, on_unconverged, phantom_steps, tau).
         nonneg: restrict codes to z >= 0.
         lipschitz: "exact", "power" or "gershgorin" bound for the step 1/L.
         check_finite: reject NaN/Inf input with a ValueError (one host sync per forward).
@@ -57,7 +66,7 @@ class SparseReconstruction(nn.Module):
         solver: str | Solver = "ista",
         max_steps: int = 5,
         tol: float | None = None,
-        backward: str = "unroll",
+        backward: str | Backward = "unroll",
         nonneg: bool = False,
         lipschitz: str = "exact",
         learn_lam: bool = False,
@@ -79,63 +88,64 @@ class SparseReconstruction(nn.Module):
         else:
             self.register_buffer("lam_value", lam_t.clone())
         self.nonneg, self.check_finite = bool(nonneg), bool(check_finite)
-        self.backward_options: dict[str, Any] = {}
+        self.solver, self.max_steps, self.tol = "ista", 5, None
+        self.backward: Backward = layer_backward("unroll")
         self.configure(solver=solver, max_steps=max_steps, tol=tol, backward=backward, lipschitz=lipschitz,
                        init=init, **backward_options)
         self.last_stats: dict[str, torch.Tensor] = {}
-        self.last_solution = None
+        #: the latest forward's Solution with detached codes and statistics (no autograd graph kept)
+        self.last_solution: Solution | None = None
 
     @property
     def lam(self) -> torch.Tensor:
         return nn.functional.softplus(self.lam_raw) if self.learn_lam else self.lam_value
 
-    def configure(self, **options: Any) -> None:
-        """Change solver, max_steps, tol, backward, lipschitz, init, lam or backward options, validated."""
-        known = {"solver", "max_steps", "tol", "backward", "lipschitz", "init", "lam", *_BACKWARD_KEYS}
-        unknown = set(options) - known
+    def configure(self, *, lam: Any = _KEEP, solver: Any = _KEEP, max_steps: Any = _KEEP, tol: Any = _KEEP,
+                  backward: Any = _KEEP, lipschitz: Any = _KEEP, init: Any = _KEEP, **backward_options: Any) -> None:
+        """Change the run-time options (validated, all or nothing); unset ones are kept.
+
+        ``backward_options`` (flat backward fields) refine the given backward, or the current one.
+        """
+        unknown = sorted(set(backward_options) - set(FLAT_BACKWARD_KEYS))
         if unknown:
-            raise ValueError(f"unknown option(s) {sorted(unknown)}; valid: {sorted(known)}")
-        if "solver" in options:
-            solver = options["solver"]
+            raise ValueError(f"unknown option(s) {unknown}; valid: {sorted(RUNTIME_OPTIONS)}")
+        if solver is not _KEEP:
             make_solver(solver)  # validates the name
+        new_steps = self.max_steps if max_steps is _KEEP else max_steps
+        new_tol = self.tol if tol is _KEEP else tol
+        check_loop_args(new_steps, new_tol)
+        if lipschitz is not _KEEP:
+            check_lipschitz_mode(lipschitz)
+        if init is not _KEEP and init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        if lam is not _KEEP:
+            lam_t = torch.as_tensor(lam, dtype=torch.get_default_dtype())
+            if not bool(torch.isfinite(lam_t).all()) or bool((lam_t < 0).any()):
+                raise ValueError(f"lam must be finite and >= 0, got {lam}")
+        new_backward = layer_backward(self.backward if backward is _KEEP else backward, **backward_options)
+        # every option is valid: apply them together
+        if solver is not _KEEP:
             self.solver = solver
-        max_steps = options.get("max_steps", getattr(self, "max_steps", 5))
-        tol = options.get("tol", getattr(self, "tol", None))
-        check_loop_args(max_steps, tol)
-        self.max_steps, self.tol = max_steps, tol
-        if "lipschitz" in options:
-            self.lipschitz = check_lipschitz_mode(options["lipschitz"])
-        if "init" in options:
-            if options["init"] not in INITS:
-                raise ValueError(f"init must be one of {INITS}, got {options['init']!r}")
-            self.init = options["init"]
-        if "lam" in options:
-            lam = torch.as_tensor(options["lam"], dtype=torch.get_default_dtype())
-            if not bool(torch.isfinite(lam).all()) or bool((lam < 0).any()):
-                raise ValueError(f"lam must be finite and >= 0, got {options['lam']}")
+        self.max_steps, self.tol, self.backward = new_steps, new_tol, new_backward
+        if lipschitz is not _KEEP:
+            self.lipschitz = lipschitz
+        if init is not _KEEP:
+            self.init = init
+        if lam is not _KEEP:
             with torch.no_grad():
                 if self.learn_lam:
-                    self.lam_raw.copy_(_softplus_inv(lam.clamp_min(1e-6)).expand_as(self.lam_raw))
+                    self.lam_raw.copy_(_softplus_inv(lam_t.clamp_min(1e-6)).expand_as(self.lam_raw))
                 else:
-                    self.lam_value = lam.to(self.lam_value.device).clone()
-        opts = {"adjoint_ridge": LAYER_ADJOINT_RIDGE, **self.backward_options,
-                **{k: options[k] for k in _BACKWARD_KEYS if k in options}}
-        backward = options.get("backward", getattr(self, "backward", "unroll"))
-        full = {"adjoint": "cg", "adjoint_tol": 1e-6, "adjoint_max_steps": 200, "phantom_steps": 1, "tau": 1.0,
-                "on_unconverged": "warn", **opts}
-        ridge = full.pop("adjoint_ridge", LAYER_ADJOINT_RIDGE)
-        if not (isinstance(ridge, (int, float)) and ridge >= 0):
-            raise ValueError(f"adjoint_ridge must be a number >= 0, got {ridge!r}")
-        check_backward_options(backward, **full)
-        self.backward, self.backward_options = backward, opts
+                    self.lam_value = lam_t.to(self.lam_value.device).clone()
 
-    def forward(self, x: torch.Tensor, source: torch.Tensor | None = None) -> torch.Tensor:
-        op = self.dictionary(x if source is None else source)
+    def forward(self, x: torch.Tensor, source: torch.Tensor | None = None,
+                num_prefix_tokens: int | None = None) -> torch.Tensor:
+        op = self.dictionary(x if source is None else source, num_prefix_tokens=num_prefix_tokens)
         lam = self.lam.to(device=x.device, dtype=x.dtype)
         problem = SparseCoding(op, x, lam, nonneg=self.nonneg, lipschitz=self.lipschitz,
                                check_finite=self.check_finite)
         z, sol = sparse_code(problem, solver=self.solver, backward=self.backward, max_steps=self.max_steps,
-                             tol=self.tol, z0=self.init, return_solution=True, **self.backward_options)
+                             tol=self.tol, z0=self.init, return_solution=True)
         stats = sol.stats
         tol = REPORT_TOL if self.tol is None else self.tol
         self.last_stats = {
@@ -143,14 +153,24 @@ class SparseReconstruction(nn.Module):
             "residual": stats.residual.detach().amax(),
             "converged": (stats.residual < tol).float().mean().detach(),
         }
-        self.last_solution = sol
+        # detached copies only: keeping sol itself would hold this forward's autograd graph alive
+        self.last_solution = Solution(z.detach(), sol.converged, SolveStats(
+            steps=stats.steps, residual=stats.residual.detach(), solver=stats.solver, max_steps=stats.max_steps,
+            tol=stats.tol, adjoint=stats.adjoint))
         return problem.D.decode(z)
 
     def extra_repr(self) -> str:
         return (
-            f"solver={self.solver!r}, max_steps={self.max_steps}, tol={self.tol}, backward={self.backward!r}, "
+            f"solver={self.solver!r}, max_steps={self.max_steps}, tol={self.tol}, backward={self.backward}, "
             f"lipschitz={self.lipschitz!r}, nonneg={self.nonneg}, learn_lam={self.learn_lam}"
         )
+
+
+#: the options :meth:`SparseReconstruction.configure` (and configure_layers, the CLI) can change
+RUNTIME_OPTIONS: tuple[str, ...] = tuple(
+    name for name, p in inspect.signature(SparseReconstruction.configure).parameters.items()
+    if p.kind is inspect.Parameter.KEYWORD_ONLY
+) + tuple(FLAT_BACKWARD_KEYS)
 
 
 def _softplus_inv(y: torch.Tensor) -> torch.Tensor:

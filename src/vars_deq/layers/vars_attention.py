@@ -31,89 +31,26 @@ static atoms need square grids; the dynamic atoms ("d") take any token count.
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from ..dictionaries import ConvDictionary, DenseOperator, PerformerDictionary, UnionDictionary
-from ..dictionaries.base import DictionaryOperator, check_lipschitz_mode
+from ..dictionaries import PerformerDictionary, UnionDictionary
+from ..dictionaries.conv import STATIC_IMPLS, StaticAtoms
+from ..backward import FLAT_BACKWARD_KEYS, Backward
 from ..solvers import Solver
 from .sparse_reconstruction import SparseReconstruction
 
-__all__ = ["VARSAttention", "DICTIONARY_KINDS", "STATIC_IMPLS"]
+__all__ = ["VARSAttention", "DICTIONARY_KINDS", "LAYER_OPTIONS"]
 
 DICTIONARY_KINDS = ("sd", "s", "d")
-STATIC_IMPLS = ("auto", "fft", "dense")
-#: "auto" materializes the static atoms up to this many (K * h * w): on small grids the per-transform
-#: cost of many tiny FFTs exceeds a dense product (measured 2-3x slower on CPU for an 8 x 8 grid).
-DENSE_STATIC_MAX_ATOMS = 256
-
 #: Static dictionary defaults: one 5 x 5 template per head, as the original VARS-S had one (full-size) kernel
 #: per head; here small, so resolution-agnostic (the original full-size FFT kernels tie a model to one size).
 DEFAULT_NUM_KERNELS = 1
 DEFAULT_KERNEL_SIZE = 5
-
-
-class MaterializedConvOperator(DenseOperator):
-    """Static atoms as an explicit matrix that keeps the convolution's Lipschitz bound.
-
-    The dense products are faster than many tiny FFTs on small grids, but the generic dense bound
-    would run an eigenvalue solve per problem on atoms every problem shares; the convolution's
-    bound (from its spectrum, per head) is the same number at no cost.
-    """
-
-    def __init__(self, weight, bounds, gram=None, use_gram=None):
-        super().__init__(weight, gram, use_gram)
-        self.bounds = bounds  # mode -> (*batch,) bound, computed lazily from ``conv`` at bind time
-
-    @classmethod
-    def from_conv(cls, conv) -> "MaterializedConvOperator":
-        bounds = {mode: (lambda m=mode: conv.lipschitz(m)) for mode in ("exact", "power", "gershgorin")}
-        return cls(conv.materialize(), bounds)
-
-    def _rebind(self, dense: DenseOperator, reshape) -> "MaterializedConvOperator":
-        bounds = {mode: (lambda f=f: reshape(f())) for mode, f in self.bounds.items()}
-        return MaterializedConvOperator(dense.weight, bounds, dense.gram, dense.use_gram)
-
-    def flatten(self, batch_shape):
-        dense = super().flatten(batch_shape)
-        shared = dense.weight.shape[0] == 1
-        return self._rebind(dense, lambda b: b.reshape(1) if shared else b.expand(*batch_shape).reshape(-1))
-
-    def take(self, index):
-        dense = super().take(index)
-        return self if dense is self else self._rebind(dense, lambda b: b[index])
-
-    def lipschitz(self, mode: str = "exact") -> torch.Tensor:
-        check_lipschitz_mode(mode)
-        return self.bounds[mode]()
-
-
-class StaticAtoms(ConvDictionary):
-    """The VARS-S dictionary of :class:`ConvDictionary`, applied by FFT or as materialized atoms.
-
-    Same parameters (and state_dict) as ConvDictionary; ``impl`` only picks how D z and D^T x are
-    computed: "fft", "dense" (D = the decode of the identity, once per forward, then matrix
-    products) or "auto".
-    """
-
-    def __init__(self, *args: Any, impl: str = "auto", **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        if impl not in STATIC_IMPLS:
-            raise ValueError(f"static_impl must be one of {STATIC_IMPLS}, got {impl!r}")
-        self.impl = impl
-
-    def forward(self, source: torch.Tensor) -> DictionaryOperator:
-        op = super().forward(source)
-        grid_atoms = op.num_atoms - op.num_prefix
-        if self.impl == "dense" or (self.impl == "auto" and grid_atoms <= DENSE_STATIC_MAX_ATOMS):
-            return MaterializedConvOperator.from_conv(op)
-        return op
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, impl={self.impl!r}"
 
 
 class VARSAttention(nn.Module):
@@ -138,8 +75,9 @@ class VARSAttention(nn.Module):
         num_prefix_tokens: leading non-grid tokens; None infers them from the token count.
         num_features, orthogonal, feature_seed: the dynamic random features ("d", "sd"; default
             2 * head_dim Gaussian features).
-        backward_options: adjoint, adjoint_tol, adjoint_max_steps, phantom_steps, tau,
-            on_unconverged (see :func:`vars_deq.sparse_code`).
+        backward_options: flat sugar for the backward's fields (adjoint, adjoint_tol,
+            adjoint_max_steps, adjoint_ridge, on_unconverged, phantom_steps, tau; see
+            :class:`vars_deq.Implicit` and :class:`vars_deq.Phantom`).
 
     After a forward, ``last_stats`` holds the solver statistics (steps, residual, converged).
     """
@@ -166,7 +104,7 @@ class VARSAttention(nn.Module):
         solver: str | Solver = "ista",
         max_steps: int = 5,
         tol: float | None = None,
-        backward: str = "unroll",
+        backward: "str | Backward" = "unroll",
         lipschitz: str = "gershgorin",
         nonneg: bool = False,
         learn_lam: bool = False,
@@ -283,22 +221,27 @@ class VARSAttention(nn.Module):
             atoms = atoms.b
         return atoms if isinstance(atoms, StaticAtoms) else None
 
+    @property
+    def dynamic_atoms(self) -> PerformerDictionary | None:
+        """The dynamic (Performer) part of the dictionary (``.projection`` (H, m, head_dim)), or None for "s"."""
+        atoms = self.vars.dictionary
+        if isinstance(atoms, UnionDictionary):
+            atoms = atoms.a
+        return atoms if isinstance(atoms, PerformerDictionary) else None
+
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """D z* per head, (B, H, N, head_dim): the layer before its output projection."""
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"VARSAttention expects x of shape (B, N, dim={self.dim}), got {tuple(x.shape)}")
         B, N, _ = x.shape
-        conv = self.static_atoms
-        if conv is not None:
-            p = self.grid_prefix(N)
-            if p != conv.num_prefix_tokens:  # the inferred count follows the input size
-                conv.num_prefix_tokens = p
+        # the prefix count follows the input size when inferred; it is passed, never stored
+        prefix = self.grid_prefix(N) if self.static_atoms is not None else None
         # the solver makes many passes over v and q: contiguous (B, H, N, d) halves their cost
         v = self.v(x).reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2).contiguous()
         if self.q is None:
-            return self.vars(v, source=v)  # the static atoms read only the token count
+            return self.vars(v, source=v, num_prefix_tokens=prefix)  # the static atoms read only the token count
         q = self.q(x).reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2).contiguous()
-        return self.vars(v, source=self.q_norm(q))
+        return self.vars(v, source=self.q_norm(q), num_prefix_tokens=prefix)
 
     def forward(
         self,
@@ -323,3 +266,11 @@ class VARSAttention(nn.Module):
             f"dictionary={self.dictionary_kind!r}, num_heads={self.num_heads}, head_dim={self.head_dim}, "
             f"num_prefix_tokens={self.num_prefix_tokens}"
         )
+
+
+#: every VARS option of the layer (its keyword-only constructor parameters and the flat backward
+#: keywords), derived from the signature so that create_model, convert_vit and the CLI never drift
+LAYER_OPTIONS: tuple[str, ...] = tuple(
+    name for name, p in inspect.signature(VARSAttention.__init__).parameters.items()
+    if p.kind is inspect.Parameter.KEYWORD_ONLY
+) + tuple(FLAT_BACKWARD_KEYS)

@@ -28,17 +28,15 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, load_pretra
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import nn
 
+from ..layers.vars_attention import LAYER_OPTIONS
 from .convert import convert_vit
 from .performer import PerformerAttention
 
 __all__ = ["ConvStemPatchEmbed", "VARS_LAYER_KEYS"]
 
-#: create_model keywords that configure the VARS layers rather than the VisionTransformer.
-VARS_LAYER_KEYS = frozenset({
-    "lam", "solver", "max_steps", "tol", "backward", "lipschitz", "nonneg", "learn_lam", "init",
-    "num_kernels", "kernel_size", "padding", "static_impl", "num_features", "orthogonal", "feature_seed",
-    "adjoint", "adjoint_tol", "adjoint_max_steps", "phantom_steps", "tau", "on_unconverged",
-})
+#: create_model keywords that configure the VARS layers rather than the VisionTransformer: every
+#: layer option except those the model fixes (the dictionary, by name; the prefix count, by its tokens)
+VARS_LAYER_KEYS = frozenset(LAYER_OPTIONS) - {"dictionary", "num_prefix_tokens"}
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # vars_deq.data feeds digits in pixel space [0, 1], unnormalized (corruption and PGD budgets are

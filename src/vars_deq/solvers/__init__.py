@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Callable
 
 from .anderson import SAFEGUARDS, Anderson
-from .base import Solver
+from .base import LoopSolver, Solver, StepSolver
 from .fista import RESTARTS, FISTA
 from .ista import ISTA
 from .torchdeq_adapter import TORCHDEQ_METHODS, TorchDEQSolver
@@ -36,10 +36,11 @@ def make_solver(spec: str | Solver, generic: bool = False) -> Solver:
     if isinstance(spec, Solver):
         return spec
     if not isinstance(spec, str) or spec not in SOLVERS:
-        raise ValueError(f"unknown solver {spec!r}; valid names: {sorted(SOLVERS)} (or a Solver instance)")
+        raise ValueError(f"unknown solver {spec!r}; valid names: {sorted(SOLVERS)}, or a Solver object")
     if generic and spec == "anderson":
         return Anderson(safeguard="residual")
     return SOLVERS[spec]()
 
 
-__all__ = ["SOLVERS", "Solver", "ISTA", "FISTA", "Anderson", "make_solver", "SAFEGUARDS", "RESTARTS", "TorchDEQSolver", "TORCHDEQ_METHODS"]
+__all__ = ["SOLVERS", "Solver", "StepSolver", "LoopSolver", "ISTA", "FISTA", "Anderson", "make_solver", "SAFEGUARDS",
+           "RESTARTS", "TorchDEQSolver", "TORCHDEQ_METHODS"]

@@ -24,10 +24,12 @@ Safeguards (per problem):
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from ..prox import threshold
-from .base import Solver
+from .base import StepSolver
 
 SAFEGUARDS = ("energy", "residual", None)
 
@@ -50,7 +52,31 @@ def mixing_weights(F: torch.Tensor, valid: torch.Tensor, ridge: float) -> torch.
     return alpha.to(F.dtype)
 
 
-class Anderson(Solver):
+class AndersonMapState(NamedTuple):
+    """Anderson on a generic map: it mixes z itself."""
+
+    z: torch.Tensor  # (P, ...) the current point
+    G: torch.Tensor  # (P, m, K) images g_i of the mixed variable
+    F: torch.Tensor  # (P, m, K) residuals f_i = g_i - (variable)_i
+    valid: torch.Tensor  # (P, m) bool: memory slots filled
+    count: int  # residuals pushed so far (shared by all problems)
+    best_res: torch.Tensor | None  # (P,) best absolute residual so far (residual safeguard only)
+
+
+class AndersonLassoState(NamedTuple):
+    """Anderson on a sparse-coding problem: it mixes the forward-step variable y."""
+
+    z: torch.Tensor  # (P, M, C) the current point, exactly sparse
+    gz: torch.Tensor  # (P, M, C) its Gram product G z
+    y: torch.Tensor | None  # (P, M, C) the forward-step variable of z; None before the first step
+    G: torch.Tensor
+    F: torch.Tensor
+    valid: torch.Tensor
+    count: int
+    best_res: torch.Tensor | None
+
+
+class Anderson(StepSolver):
     name = "anderson"
 
     def __init__(self, memory: int = 5, ridge: float = 1e-4, safeguard: str | None = "energy"):
@@ -68,79 +94,67 @@ class Anderson(Solver):
 
     def init(self, problem, z0):
         p, k = z0.shape[0], z0[0].numel()
-        state = {
-            "z": z0,
-            "G": z0.new_zeros(p, self.memory, k),  # images g_i of the mixed variable
-            "F": z0.new_zeros(p, self.memory, k),  # residuals f_i = g_i - (variable)_i
-            "valid": torch.zeros(p, self.memory, dtype=torch.bool, device=z0.device),
-            "count": 0,
-        }
+        G, F = z0.new_zeros(p, self.memory, k), z0.new_zeros(p, self.memory, k)
+        valid = torch.zeros(p, self.memory, dtype=torch.bool, device=z0.device)
+        best = torch.full((p,), torch.inf, dtype=z0.dtype, device=z0.device) if self.safeguard == "residual" else None
         if getattr(problem, "is_lasso", False):
-            state["gz"] = problem.normal(z0)
-        if self.safeguard == "residual":
-            state["res"] = torch.full((p,), torch.inf, dtype=z0.dtype, device=z0.device)
-        return state
+            return AndersonLassoState(z0, problem.normal(z0), None, G, F, valid, 0, best)
+        return AndersonMapState(z0, G, F, valid, 0, best)
 
     def _mix(self, state, image, variable, plain=None):
-        """Push (image, image - variable) into the memory and return the mixed image."""
-        slot = state["count"] % self.memory
-        valid = state["valid"].clone()
-        if variable is not None:  # no residual yet on the very first lasso step
-            G = _put(state["G"], slot, image.flatten(1))
-            F = _put(state["F"], slot, (image - variable).flatten(1))
-            valid[:, slot] = True
-            if plain is not None:
-                only_last = torch.zeros_like(valid)
-                only_last[:, slot] = True
-                valid = torch.where(plain[:, None], only_last, valid)
-        else:
-            G, F = state["G"], state["F"]
-        new = {"G": G, "F": F, "valid": valid, "count": state["count"] + int(variable is not None)}
-        if variable is None:
-            return new, image
+        """Push (image, image - variable) into the memory; returns (G, F, valid, count, mixed image)."""
+        if variable is None:  # no residual yet on the very first lasso step
+            return state.G, state.F, state.valid, state.count, image
+        slot = state.count % self.memory
+        G = _put(state.G, slot, image.flatten(1))
+        F = _put(state.F, slot, (image - variable).flatten(1))
+        valid = state.valid.clone()
+        valid[:, slot] = True
+        if plain is not None:
+            only_last = torch.zeros_like(valid)
+            only_last[:, slot] = True
+            valid = torch.where(plain[:, None], only_last, valid)
         mixed = torch.einsum("pm,pmk->pk", mixing_weights(F, valid, self.ridge), G).reshape_as(image)
         if plain is not None:
             mixed = torch.where(_per_problem(plain, image), image, mixed)
-        return new, mixed
+        return G, F, valid, state.count + 1, mixed
 
-    def step(self, problem, state):
-        if "gz" in state:
-            return self._step_lasso(problem, state)
-        z = state["z"]
+    def step(self, problem, state, may_sync=False):
+        if isinstance(state, AndersonLassoState):
+            return self._step_lasso(problem, state, may_sync)
+        z = state.z
         tz = problem.T(z)
-        plain, extra = self._residual_guard(state, z, tz)
-        new, cand = self._mix(state, tz, z, plain)
-        new.update(extra, z=cand)
-        return new, z, tz
+        plain, best = self._residual_guard(state, z, tz)
+        G, F, valid, count, cand = self._mix(state, tz, z, plain)
+        return AndersonMapState(cand, G, F, valid, count, best), z, tz
 
     def _residual_guard(self, state, z, tz):
+        """(take the plain step?, new best residual) per problem; (None, None) without the guard."""
         if self.safeguard != "residual":
-            return None, {}
+            return None, None
         # the absolute residual: a relative one grows while plain steps shrink ||z||, and the guard
         # then cycles through the same bad accelerated step
         res = (tz - z).flatten(1).norm(dim=-1)
         # against the best residual so far, not the last one: a plain (ISTA) step never raises the
         # residual, so a run of plain steps gets below the best again and no cycle can sit above it
-        return res > state["res"], {"res": torch.minimum(res, state["res"])}
+        return res > state.best_res, torch.minimum(res, state.best_res)
 
-    def _step_lasso(self, problem, state):
-        z, gz = state["z"], state["gz"]
+    def _step_lasso(self, problem, state, may_sync):
+        z, gz = state.z, state.gz
         y_image = z - problem.eta * (gz - problem.b)  # forward step at z
         tz = threshold(y_image, problem.eta * problem.lam, problem.nonneg)
-        plain, extra = self._residual_guard(state, z, tz)
-        new, y_mix = self._mix(state, y_image, state.get("y"), plain)
-        new.update(extra)
+        plain, best = self._residual_guard(state, z, tz)
+        G, F, valid, count, y_mix = self._mix(state, y_image, state.y, plain)
         cand = threshold(y_mix, problem.eta * problem.lam, problem.nonneg)
         g_cand = problem.normal(cand)
         if self.safeguard == "energy":
             accept = problem.energy_from(cand, g_cand) <= problem.majorizer(z, gz, tz)
             acc = _per_problem(accept, z)
-            new["z"] = torch.where(acc, cand, tz)
-            new["y"] = torch.where(acc, y_mix, y_image)
-            new["gz"] = torch.where(acc, g_cand, _normal_where_rejected(problem, tz, accept))
+            z_new, y_new = torch.where(acc, cand, tz), torch.where(acc, y_mix, y_image)
+            gz_new = torch.where(acc, g_cand, _normal_where_rejected(problem, tz, accept, may_sync))
         else:
-            new["z"], new["y"], new["gz"] = cand, y_mix, g_cand
-        return new, z, tz
+            z_new, y_new, gz_new = cand, y_mix, g_cand
+        return AndersonLassoState(z_new, gz_new, y_new, G, F, valid, count, best), z, tz
 
 
 def _per_problem(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -155,10 +169,10 @@ def _put(buf: torch.Tensor, slot: int, row: torch.Tensor) -> torch.Tensor:
     return buf
 
 
-def _normal_where_rejected(problem, tz: torch.Tensor, accept: torch.Tensor) -> torch.Tensor:
+def _normal_where_rejected(problem, tz: torch.Tensor, accept: torch.Tensor, may_sync: bool) -> torch.Tensor:
     """G T(z) where the candidate was rejected (accepted problems never read it). When a host
     sync is allowed and few problems rejected, only those pay for the product."""
-    if not getattr(problem, "sync_ok", False):
+    if not may_sync:
         return problem.normal(tz)
     rejected = (~accept).nonzero().squeeze(-1)
     n = rejected.numel()

@@ -5,38 +5,30 @@ FISTA, the current point for Anderson) and returns ``(state, p, T(p))``. The loo
 residual ||T(p) - p|| / ||p|| and outputs T(p) of the last step, so every output is exactly a
 value of T (sparse, and the point the implicit backward attaches to).
 
-States are dicts of tensors whose first dim is the problem (so the loop can drop converged
-problems), plus Python scalars shared by all problems.
+Each solver has its own typed state (a NamedTuple): tensor fields whose first dim is the problem
+(so the loop can drop converged problems), Python scalars shared by all problems, and None for
+fields a variant does not use. A backend that owns its whole loop (TorchDEQ) is a
+:class:`LoopSolver` instead, with one ``solve_all``.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import NamedTuple, TypeVar
 
 import torch
 
-__all__ = ["Solver", "take_state"]
+__all__ = ["Solver", "StepSolver", "LoopSolver"]
 
-State = dict[str, Any]
+State = TypeVar("State", bound=NamedTuple)
 
 
 class Solver:
-    """A forward solver. Step solvers implement ``init`` and ``step`` and the library's loop runs
-    them; a backend that owns its loop (TorchDEQ) implements ``solve_all`` instead."""
+    """A forward solver: a :class:`StepSolver` (the library's loop runs its steps) or a
+    :class:`LoopSolver` (it runs its own loop)."""
 
     name: str = "solver"
     #: solvers that use the lasso structure (Gram products, energies) set this
     needs_lasso: bool = False
-
-    def init(self, problem, z0: torch.Tensor) -> State:
-        raise TypeError(f"{type(self).__name__} runs its own loop (solve_all): it has no single steps")
-
-    def step(self, problem, state: State) -> tuple[State, torch.Tensor, torch.Tensor]:
-        raise TypeError(f"{type(self).__name__} runs its own loop (solve_all): it has no single steps")
-
-    def iterate(self, state: State) -> torch.Tensor:
-        """The solver's current iterate (the sequence whose energy the guarantees are about)."""
-        return state["z"]
 
     def check(self, problem) -> None:
         if self.needs_lasso and not getattr(problem, "is_lasso", False):
@@ -46,6 +38,34 @@ class Solver:
         return f"{type(self).__name__}()"
 
 
+class StepSolver(Solver):
+    """A solver the library's loop drives one step at a time.
+
+    ``step(problem, state, may_sync)``: ``may_sync`` says whether this step may synchronise with
+    the host (the loop allows it only where it stops problems on a tolerance anyway); a solver may
+    use it to skip work for problems it can see need none.
+    """
+
+    def init(self, problem, z0: torch.Tensor) -> NamedTuple:
+        raise TypeError(f"{type(self).__name__} does not define init")
+
+    def step(self, problem, state, may_sync: bool = False) -> tuple[NamedTuple, torch.Tensor, torch.Tensor]:
+        raise TypeError(f"{type(self).__name__} does not define step")
+
+    def iterate(self, state) -> torch.Tensor:
+        """The solver's current iterate (the sequence whose energy the guarantees are about)."""
+        return state.z
+
+
+class LoopSolver(Solver):
+    """A backend that runs its own loop over the whole batch (it has no single steps, so autograd
+    cannot record an unroll through it)."""
+
+    def solve_all(self, problem, z0: torch.Tensor, max_steps: int, tol: float | None,
+                  record: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        raise TypeError(f"{type(self).__name__} does not define solve_all")
+
+
 def take_state(state: State, keep: torch.Tensor) -> State:
-    """Keep problems ``keep`` (an index tensor) of every per-problem tensor in a state."""
-    return {k: (v[keep] if isinstance(v, torch.Tensor) and v.dim() > 0 else v) for k, v in state.items()}
+    """Keep problems ``keep`` (an index tensor) of every per-problem tensor in a typed state."""
+    return type(state)(*(v[keep] if isinstance(v, torch.Tensor) and v.dim() > 0 else v for v in state))

@@ -16,14 +16,31 @@ The Gram products are linear, so G y is combined from G u and G x: one product p
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
-from .base import Solver
+from .base import StepSolver
 
 RESTARTS = (None, "function", "gradient")
 
 
-class FISTA(Solver):
+class FISTAState(NamedTuple):
+    """x: the iterate, xp: the previous one, u = T(y) of the last step; g*: their Gram products
+    G x, G xp, G u (P, M, C); t: the momentum (P, 1, 1); ex: E(x), only where monotone or
+    function restart need it (else None)."""
+
+    x: torch.Tensor
+    gx: torch.Tensor
+    xp: torch.Tensor
+    gxp: torch.Tensor
+    u: torch.Tensor
+    gu: torch.Tensor
+    t: torch.Tensor
+    ex: torch.Tensor | None
+
+
+class FISTA(StepSolver):
     name = "fista"
     needs_lasso = True
 
@@ -39,46 +56,39 @@ class FISTA(Solver):
         gz = problem.normal(z0)
         # t = 0 makes the first step plain (y_1 = x_0) and sets t_1 = 1, as in Beck & Teboulle
         t = torch.zeros(z0.shape[0], 1, 1, dtype=z0.dtype, device=z0.device)
-        state = {"x": z0, "gx": gz, "xp": z0, "gxp": gz, "u": z0, "gu": gz, "t": t}
-        if self.monotone or self.restart == "function":
-            state["ex"] = problem.energy_from(z0, gz)
-        return state
+        needs_energy = self.monotone or self.restart == "function"
+        return FISTAState(z0, gz, z0, gz, z0, gz, t, problem.energy_from(z0, gz) if needs_energy else None)
 
-    def step(self, problem, state):
-        x, gx, xp, gxp, u, gu, t = (state[k] for k in ("x", "gx", "xp", "gxp", "u", "gu", "t"))
+    def step(self, problem, state, may_sync=False):
+        x, gx, xp, gxp, u, gu, t = state.x, state.gx, state.xp, state.gxp, state.u, state.gu, state.t
         t_new = 0.5 * (1 + torch.sqrt(1 + 4 * t * t))
         a, c = t / t_new, (t - 1) / t_new
         y = x + a * (u - x) + c * (x - xp)
         gy = gx + a * (gu - gx) + c * (gx - gxp)
         u_new = problem.T_from(y, gy)
         gu_new = problem.normal(u_new)
-        new = {"u": u_new, "gu": gu_new, "xp": x, "gxp": gx}
-        if "ex" in state:
-            eu = problem.energy_from(u_new, gu_new)
+        eu = None if state.ex is None else problem.energy_from(u_new, gu_new)
         if self.monotone:
-            keep_old = (eu > state["ex"]).reshape(-1, 1, 1)
-            new["x"] = torch.where(keep_old, x, u_new)
-            new["gx"] = torch.where(keep_old, gx, gu_new)
-            new["ex"] = torch.minimum(eu, state["ex"])
+            keep_old = (eu > state.ex).reshape(-1, 1, 1)
+            x_new = torch.where(keep_old, x, u_new)
+            gx_new = torch.where(keep_old, gx, gu_new)
+            ex_new = torch.minimum(eu, state.ex)
         else:
-            new["x"], new["gx"] = u_new, gu_new
-            if "ex" in state:
-                new["ex"] = eu
+            x_new, gx_new, ex_new = u_new, gu_new, eu
+        new = FISTAState(x_new, gx_new, x, gx, u_new, gu_new, t_new, ex_new)
         if self.restart is not None:
             if self.restart == "function":
-                bad = eu > state["ex"]
+                bad = eu > state.ex
             else:
                 bad = ((y - u_new) * (u_new - x)).sum((-2, -1)) > 0
             bad = bad.reshape(-1, 1, 1)
             # momentum off: x_{k-1} = x_k and u = x_k make the next y equal x_k
-            new["t"] = torch.where(bad, torch.ones_like(t_new), t_new)
-            new["xp"] = torch.where(bad, new["x"], new["xp"])
-            new["gxp"] = torch.where(bad, new["gx"], new["gxp"])
-            new["u"] = torch.where(bad, new["x"], new["u"])
-            new["gu"] = torch.where(bad, new["gx"], new["gu"])
-        else:
-            new["t"] = t_new
+            new = new._replace(
+                t=torch.where(bad, torch.ones_like(t_new), t_new),
+                xp=torch.where(bad, x_new, x), gxp=torch.where(bad, gx_new, gx),
+                u=torch.where(bad, x_new, u_new), gu=torch.where(bad, gx_new, gu_new),
+            )
         return new, y, u_new
 
     def iterate(self, state):
-        return state["x"]
+        return state.x

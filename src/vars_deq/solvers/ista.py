@@ -4,16 +4,23 @@ Lemma 2.3), and E(Z_k) - E* <= L ||Z_0 - Z*||^2 / (2k)."""
 
 from __future__ import annotations
 
-from .base import Solver
+from typing import NamedTuple
+
+import torch
+
+from .base import StepSolver
 
 
-class ISTA(Solver):
+class ISTAState(NamedTuple):
+    z: torch.Tensor  # (P, ...) the iterate
+
+
+class ISTA(StepSolver):
     name = "ista"
 
     def init(self, problem, z0):
-        return {"z": z0}
+        return ISTAState(z0)
 
-    def step(self, problem, state):
-        z = state["z"]
-        tz = problem.T(z)
-        return {"z": tz}, z, tz
+    def step(self, problem, state, may_sync=False):
+        tz = problem.T(state.z)
+        return ISTAState(tz), state.z, tz

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .base import Solver
+from .base import LoopSolver
 
 __all__ = ["TorchDEQSolver", "TORCHDEQ_METHODS"]
 
@@ -21,7 +21,7 @@ TORCHDEQ_METHODS = ("anderson", "broyden", "fixed_point_iter")
 STOP_MODES = ("rel", "abs")
 
 
-class TorchDEQSolver(Solver):
+class TorchDEQSolver(LoopSolver):
     """torchdeq.solver.<method> behind this library's solver interface.
 
     Args:

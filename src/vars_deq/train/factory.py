@@ -3,32 +3,19 @@
 from __future__ import annotations
 
 import ast
-import importlib
 from typing import Any, Iterable
 
 import timm
 from torch import nn
 
+from .. import models as _models  # noqa: F401  (registers the VARS models with timm)
 from ..layers import SparseReconstruction, configure_layers
+from ..layers.sparse_reconstruction import RUNTIME_OPTIONS
 
 __all__ = ["LAYER_OPTIONS", "create_model", "parse_model_kwargs", "apply_layer_options"]
 
-# the SparseReconstruction options the command line exposes, as (option name, configure keyword)
-LAYER_OPTIONS = ("backward", "solver", "max_steps", "tol", "lam")
-
-
-def _register_vars_models() -> bool:
-    """Import vars_deq.models, which registers the VARS ViTs with timm; False if it is absent.
-
-    Only its absence is tolerated: an error raised inside it must surface.
-    """
-    try:
-        importlib.import_module("vars_deq.models")
-    except ModuleNotFoundError as e:
-        if e.name != "vars_deq.models":
-            raise
-        return False
-    return True
+#: the run-time VARS layer options a training config may set (declared by SparseReconstruction.configure)
+LAYER_OPTIONS = RUNTIME_OPTIONS
 
 
 def parse_model_kwargs(items: Iterable[str]) -> dict[str, Any]:
@@ -52,10 +39,8 @@ def parse_model_kwargs(items: Iterable[str]) -> dict[str, Any]:
 
 def create_model(name: str, model_kwargs: dict[str, Any] | None = None) -> nn.Module:
     """``timm.create_model(name, pretrained=False, **model_kwargs)`` with clear errors."""
-    registered = _register_vars_models()
     if not timm.is_model(name):
-        hint = "" if registered else " (vars_deq.models, which registers the VARS models, is not available)"
-        raise ValueError(f"unknown model {name!r}{hint}; list the available ones with timm.list_models()")
+        raise ValueError(f"unknown model {name!r}; list the available ones with timm.list_models()")
     try:
         return timm.create_model(name, pretrained=False, **(model_kwargs or {}))
     except TypeError as e:

@@ -1,0 +1,95 @@
+"""One declaration of the VARS layer options: every option reaches every layer from each entry point."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+import vars_deq as vd
+from vars_deq.backward import FLAT_BACKWARD_KEYS
+from vars_deq.dictionaries import PerformerDictionary
+from vars_deq.models import VARS_LAYER_KEYS
+from vars_deq.train.factory import LAYER_OPTIONS
+
+# option -> (a non-default value, what the layer reports for it)
+CHECKS = {
+    "lam": (0.2, lambda a: round(float(a.vars.lam), 6)),
+    "solver": ("fista", lambda a: a.vars.solver),
+    "max_steps": (3, lambda a: a.vars.max_steps),
+    "tol": (1e-3, lambda a: a.vars.tol),
+    "backward": (vd.Phantom(steps=2), lambda a: a.vars.backward),
+    "lipschitz": ("power", lambda a: a.vars.lipschitz),
+    "nonneg": (True, lambda a: a.vars.nonneg),
+    "learn_lam": (True, lambda a: a.vars.learn_lam),
+    "init": ("zeros", lambda a: a.vars.init),
+    "num_kernels": (2, lambda a: a.static_atoms.num_kernels),
+    "kernel_size": (1, lambda a: a.static_atoms.kernel_size),
+    "padding": ("zero", lambda a: a.static_atoms.padding),
+    "static_impl": ("fft", lambda a: a.static_atoms.impl),
+    "num_features": (6, lambda a: a.dynamic_atoms.num_features),
+    "orthogonal": (True, lambda a: a.dynamic_atoms.orthogonal),
+    "feature_seed": (3, lambda a: bool(torch.equal(
+        a.dynamic_atoms.projection, PerformerDictionary(a.head_dim, num_heads=a.num_heads, seed=3).projection))),
+    "adjoint": ("fixed_point", lambda a: a.vars.backward.adjoint),
+    "adjoint_tol": (1e-5, lambda a: a.vars.backward.tol),
+    "adjoint_max_steps": (17, lambda a: a.vars.backward.max_steps),
+    "adjoint_ridge": (0.25, lambda a: a.vars.backward.ridge),
+    "on_unconverged": ("ignore", lambda a: a.vars.backward.on_unconverged),
+    "phantom_steps": (4, lambda a: a.vars.backward.steps),
+    "tau": (0.5, lambda a: a.vars.backward.tau),
+}
+EXPECTED = {"feature_seed": True, "lam": 0.2}
+
+
+def _kwargs(name):
+    value = CHECKS[name][0]
+    kw = {name: value}
+    if name in FLAT_BACKWARD_KEYS:  # flat backward keywords refine the backward they belong to
+        kw["backward"] = FLAT_BACKWARD_KEYS[name]
+    return kw
+
+
+def _check(layers, name):
+    value, read = CHECKS[name]
+    assert layers, "no VARS layers"
+    for attn in layers:
+        assert read(attn) == EXPECTED.get(name, value), name
+
+
+def test_the_checks_cover_every_declared_option():
+    assert set(CHECKS) == set(VARS_LAYER_KEYS)
+    assert set(LAYER_OPTIONS) <= set(VARS_LAYER_KEYS)
+
+
+@pytest.mark.parametrize("name", sorted(CHECKS))
+def test_every_option_reaches_the_layers_from_create_model(name):
+    model = timm.create_model("vars_sd_digits", **_kwargs(name))
+    _check([b.attn for b in model.blocks], name)
+
+
+@pytest.mark.parametrize("name", sorted(CHECKS))
+def test_every_option_reaches_the_layers_from_convert_vit(name):
+    model = VisionTransformer(img_size=8, patch_size=2, in_chans=1, num_classes=3, embed_dim=16, depth=2, num_heads=2)
+    vd.convert_vit(model, "sd", **_kwargs(name))
+    _check([b.attn for b in model.blocks], name)
+
+
+@pytest.mark.parametrize("name", sorted(LAYER_OPTIONS))
+def test_every_runtime_option_reaches_the_layers_from_configure_layers(name):
+    model = timm.create_model("vars_sd_digits")
+    vd.configure_layers(model, **_kwargs(name))
+    _check([b.attn for b in model.blocks], name)
+
+
+def test_create_model_takes_a_backward_object_and_flat_adjoint_ridge():
+    model = timm.create_model("vars_sd_digits", backward=vd.Implicit(ridge=1e-3, adjoint="cg"))
+    assert all(b.attn.vars.backward == vd.Implicit(ridge=1e-3, adjoint="cg") for b in model.blocks)
+    model = timm.create_model("vars_sd_digits", backward="implicit", adjoint_ridge=1e-2)
+    assert all(b.attn.vars.backward.ridge == 1e-2 for b in model.blocks)
+
+
+def test_a_flat_option_of_another_backward_is_refused():
+    with pytest.raises(ValueError, match="configure backward 'phantom', but backward is 'implicit'"):
+        timm.create_model("vars_sd_digits", backward="implicit", phantom_steps=3)
