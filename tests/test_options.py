@@ -24,6 +24,9 @@ CHECKS = {
     "nonneg": (True, lambda a: a.vars.nonneg),
     "learn_lam": (True, lambda a: a.vars.learn_lam),
     "init": ("zeros", lambda a: a.vars.init),
+    "lipschitz_margin": (0.5, lambda a: a.vars.margin),
+    "static_atoms": ("free", lambda a: type(a.static_atoms).__name__),
+    "num_tokens": (16, lambda a: a.static_atoms.num_tokens),
     "num_kernels": (2, lambda a: a.static_atoms.num_kernels),
     "kernel_size": (1, lambda a: a.static_atoms.kernel_size),
     "padding": ("zero", lambda a: a.static_atoms.padding),
@@ -40,12 +43,16 @@ CHECKS = {
     "phantom_steps": (4, lambda a: a.vars.backward.steps),
     "tau": (0.5, lambda a: a.vars.backward.tau),
 }
-EXPECTED = {"feature_seed": True, "lam": 0.2}
+EXPECTED = {"feature_seed": True, "lam": 0.2, "static_atoms": "FreeAtoms"}
+#: options that need another to mean anything
+COMPANIONS = {"num_tokens": {"static_atoms": "free"}, "static_atoms": {"num_tokens": 16}}
+#: the registered VARS-SD models have free static atoms: the conv template options need "conv"
+CONV_OPTIONS = ("num_kernels", "kernel_size", "padding", "static_impl")
 
 
 def _kwargs(name):
     value = CHECKS[name][0]
-    kw = {name: value}
+    kw = {name: value, **COMPANIONS.get(name, {})}
     if name in FLAT_BACKWARD_KEYS:  # flat backward keywords refine the backward they belong to
         kw["backward"] = FLAT_BACKWARD_KEYS[name]
     return kw
@@ -65,7 +72,10 @@ def test_the_checks_cover_every_declared_option():
 
 @pytest.mark.parametrize("name", sorted(CHECKS))
 def test_every_option_reaches_the_layers_from_create_model(name):
-    model = timm.create_model("vars_sd_digits", **_kwargs(name))
+    kw = _kwargs(name)
+    if name in CONV_OPTIONS:
+        kw["static_atoms"] = "conv"
+    model = timm.create_model("vars_sd_digits", **kw)
     _check([b.attn for b in model.blocks], name)
 
 

@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 
 from .problems import LassoBatch, SparseCoding, relative_residual
+from .prox import threshold
 from .solvers import LoopSolver, Solver, make_solver
 from .solvers.base import take_state
 
@@ -26,7 +27,9 @@ __all__ = ["solve", "Solution", "SolveStats", "ConvergenceWarning"]
 
 #: fixed-step runs (tol=None) report a problem as converged when its residual is below this
 REPORT_TOL = 1e-4
-INITS = ("encode", "zeros")
+#: "encode": D^T x (the paper's text); "thresholded_encode": S_lam(D^T x) with the full lam (the
+#: original VARS code's start point); "zeros"
+INITS = ("encode", "thresholded_encode", "zeros")
 
 
 class ConvergenceWarning(UserWarning):
@@ -112,11 +115,13 @@ def check_loop_args(max_steps: int, tol: float | None) -> None:
 
 
 def initial_codes(problem: SparseCoding, z0) -> torch.Tensor:
-    """Flat (P, M, C) starting codes: "encode" (D^T x, the paper's choice), "zeros" or a tensor."""
+    """Flat (P, M, C) starting codes: a name in INITS or a tensor."""
     flat = problem.flat()
     if z0 is None or (isinstance(z0, str) and z0 == "encode"):
         return flat.b
     if isinstance(z0, str):
+        if z0 == "thresholded_encode":
+            return threshold(flat.b, flat.lam, flat.nonneg)
         if z0 == "zeros":
             return torch.zeros_like(flat.b)
         raise ValueError(f"z0 must be a tensor or one of {INITS}, got {z0!r}")
@@ -145,7 +150,8 @@ def solve(
         solver: a name from ``SOLVERS`` or a solver object.
         max_steps: most steps per problem (0 returns z0).
         tol: per-problem relative residual to stop at; None runs exactly max_steps (no syncs).
-        z0: starting codes: None or "encode" (D^T x), "zeros", or a tensor (..., M, C).
+        z0: starting codes: None or "encode" (D^T x), "thresholded_encode" (S_lam(D^T x)), "zeros",
+            or a tensor (..., M, C).
         trace: True records per-step residual and energy traces (one extra product per step)
             and, with a tol, per-step wall times; "residual" records residuals and times only;
             "log" adds energies at log-spaced steps (1, 2, 3, 4, 6, 8, 11, ...; NaN between),

@@ -124,6 +124,8 @@ class SparseCoding:
         nonneg: restrict codes to Z >= 0.
         lipschitz: how L >= ||D||^2 is computed: "exact", "power" or "gershgorin".
         check_finite: reject NaN/Inf in x, D and lam (one host sync).
+        lipschitz_margin: >= 0 added to the bound, L = bound + margin (the original VARS code
+            steps with 1 / (Gershgorin bound + 1)).
     """
 
     def __init__(
@@ -134,10 +136,14 @@ class SparseCoding:
         nonneg: bool = False,
         lipschitz: str = "exact",
         check_finite: bool = True,
+        lipschitz_margin: float = 0.0,
     ):
         if not isinstance(x, torch.Tensor) or x.dim() < 2:
             raise ValueError(f"x must be a tensor (..., N, C), got {getattr(x, 'shape', type(x))}")
         check_lipschitz_mode(lipschitz)
+        if not (isinstance(lipschitz_margin, (int, float)) and not isinstance(lipschitz_margin, bool)
+                and math.isfinite(lipschitz_margin) and lipschitz_margin >= 0):
+            raise ValueError(f"lipschitz_margin must be a finite number >= 0, got {lipschitz_margin!r}")
         if x.shape[-1] == 0 or x.shape[-2] == 0:
             raise ValueError(f"x must have at least one token and one channel, got shape {tuple(x.shape)}")
         op = _as_operator(D, x)
@@ -178,6 +184,7 @@ class SparseCoding:
             if bool((lam_t < 0).any()):
                 raise ValueError(f"lam must be >= 0, got min {lam_t.min().item():g}")
         self.D, self.x, self.lam, self.nonneg, self.lipschitz = op, x, lam_t, bool(nonneg), lipschitz
+        self.lipschitz_margin = float(lipschitz_margin)
         self.batch_shape = batch
         self.num_tokens, self.num_atoms, self.num_channels = op.num_tokens, op.num_atoms, x.shape[-1]
         self._flat: dict[bool, LassoBatch] = {}
@@ -186,7 +193,8 @@ class SparseCoding:
     def to(self, dtype: torch.dtype) -> "SparseCoding":
         """The same problems in another dtype, detached (for reference solves)."""
         return SparseCoding(self.D.to(dtype), self.x.detach().to(dtype), self.lam.detach().to(dtype),
-                            nonneg=self.nonneg, lipschitz=self.lipschitz, check_finite=False)
+                            nonneg=self.nonneg, lipschitz=self.lipschitz, check_finite=False,
+                            lipschitz_margin=self.lipschitz_margin)
 
     @property
     def code_shape(self) -> tuple[int, ...]:
@@ -211,7 +219,7 @@ class SparseCoding:
             b = op.encode(x)
             lam = _flatten_param(self.lam, batch, m, c)
             if self._eta is None:
-                lip = op.lipschitz(self.lipschitz).detach().reshape(-1)
+                lip = op.lipschitz(self.lipschitz).detach().reshape(-1) + self.lipschitz_margin
                 self._eta = (1.0 / lip.clamp_min(torch.finfo(lip.dtype).tiny)).to(x.dtype).reshape(-1, 1, 1)
             self._flat[grad] = LassoBatch(op, x, b, lam, self._eta, self.nonneg, x.pow(2).sum((-2, -1)))
         return self._flat[grad]

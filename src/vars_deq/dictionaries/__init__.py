@@ -2,7 +2,7 @@
 
 from .base import LIPSCHITZ_MODES, DictionaryOperator
 from .conv import ConvDictionary, ConvOperator
-from .dense import DenseDictionary, DenseOperator
+from .dense import DenseDictionary, DenseOperator, FreeAtoms
 from .performer import PerformerDictionary, performer_features
 from .union import UnionDictionary, UnionOperator
 
@@ -11,6 +11,7 @@ __all__ = [
     "DictionaryOperator",
     "DenseDictionary",
     "DenseOperator",
+    "FreeAtoms",
     "ConvDictionary",
     "ConvOperator",
     "PerformerDictionary",

@@ -9,7 +9,7 @@ from torch import nn
 
 from .base import DictionaryOperator, flat_size
 
-__all__ = ["DenseOperator", "DenseDictionary"]
+__all__ = ["DenseOperator", "DenseDictionary", "FreeAtoms"]
 
 
 class DenseOperator(DictionaryOperator):
@@ -104,3 +104,31 @@ class DenseDictionary(nn.Module):
                 f"DenseDictionary has atoms over N={self.num_tokens} tokens, input has {source.shape[-2]}"
             )
         return DenseOperator(self.weight)
+
+
+class FreeAtoms(DenseDictionary):
+    """Free learned static atoms, one (N x M) matrix per head, L2-normalized over the tokens at use.
+
+    The static half of the original VARS-SD code: a learned (1, H, N, m) matrix concatenated with
+    the dynamic atoms phi(Q) and normalized over tokens together with them (a per-atom
+    normalization, so normalizing each part apart is the same). Initialized N(0, 1), as there.
+
+    Args:
+        num_heads: H.
+        num_tokens: N, the token count the atoms are defined over (fixed: no other input size).
+        num_atoms: M_s atoms per head.
+    """
+
+    def __init__(self, num_heads: int, num_tokens: int, num_atoms: int):
+        for name, value in (("num_heads", num_heads), ("num_tokens", num_tokens), ("num_atoms", num_atoms)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        super().__init__(torch.randn(num_heads, num_tokens, num_atoms))
+
+    def forward(self, source: torch.Tensor | None = None, num_prefix_tokens: int | None = None) -> DenseOperator:
+        if source is not None and source.shape[-2] != self.num_tokens:
+            raise ValueError(
+                f"static_atoms='free' holds atoms over num_tokens={self.num_tokens} tokens, the input has "
+                f"{source.shape[-2]}; build the layer with num_tokens={source.shape[-2]} or use static_atoms='conv'"
+            )
+        return DenseOperator(self.weight / self.weight.norm(dim=-2, keepdim=True).clamp_min(1e-6))

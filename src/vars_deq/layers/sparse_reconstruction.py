@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Any
 
 import torch
@@ -56,6 +57,8 @@ class SparseReconstruction(nn.Module):
             (adjoint, adjoint_tol, adjoint_max_steps, adjoint_ridge, on_unconverged, phantom_steps, tau).
         nonneg: restrict codes to z >= 0.
         lipschitz: "exact", "power" or "gershgorin" bound for the step 1/L.
+        lipschitz_margin: added to the bound, L = bound + margin; None (default): 1 with the
+            Gershgorin bound (the original VARS code's L = Gershgorin + 1), 0 otherwise.
         check_finite: reject NaN/Inf input with a ValueError (one host sync per forward).
     """
 
@@ -72,36 +75,46 @@ class SparseReconstruction(nn.Module):
         learn_lam: bool = False,
         init: str = "encode",
         check_finite: bool = False,
+        lipschitz_margin: float | None = None,
         **backward_options: Any,
     ):
         super().__init__()
         if not isinstance(dictionary, nn.Module):
             raise ValueError(f"dictionary must be a dictionary module, got {type(dictionary).__name__}")
         self.dictionary = dictionary
-        lam_t = torch.as_tensor(lam, dtype=torch.get_default_dtype())
+        lam_t = torch.as_tensor(lam, dtype=torch.float64)
         if not bool(torch.isfinite(lam_t).all()) or bool((lam_t < 0).any()):
             raise ValueError(f"lam must be finite and >= 0, got {lam}")
         self.learn_lam = bool(learn_lam)
         if self.learn_lam:
             # softplus^{-1}(lam); lam = 0 is the boundary of the parametrization, start just above it
-            self.lam_raw = nn.Parameter(_softplus_inv(lam_t.clamp_min(1e-6)))
+            self.lam_raw = nn.Parameter(_softplus_inv(lam_t.clamp_min(1e-6)).to(torch.get_default_dtype()))
         else:
+            # float64, so that lam = 0.3 is 0.3 in a float64 layer (a float32 buffer cast up is 0.30000001)
             self.register_buffer("lam_value", lam_t.clone())
         self.nonneg, self.check_finite = bool(nonneg), bool(check_finite)
         self.solver, self.max_steps, self.tol = "ista", 5, None
         self.backward: Backward = layer_backward("unroll")
         self.configure(solver=solver, max_steps=max_steps, tol=tol, backward=backward, lipschitz=lipschitz,
-                       init=init, **backward_options)
+                       init=init, lipschitz_margin=lipschitz_margin, **backward_options)
         self.last_stats: dict[str, torch.Tensor] = {}
         #: the latest forward's Solution with detached codes and statistics (no autograd graph kept)
         self.last_solution: Solution | None = None
+
+    @property
+    def margin(self) -> float:
+        """The margin in use: ``lipschitz_margin``, or for None 1 with the Gershgorin bound, else 0."""
+        if self.lipschitz_margin is not None:
+            return float(self.lipschitz_margin)
+        return 1.0 if self.lipschitz == "gershgorin" else 0.0
 
     @property
     def lam(self) -> torch.Tensor:
         return nn.functional.softplus(self.lam_raw) if self.learn_lam else self.lam_value
 
     def configure(self, *, lam: Any = _KEEP, solver: Any = _KEEP, max_steps: Any = _KEEP, tol: Any = _KEEP,
-                  backward: Any = _KEEP, lipschitz: Any = _KEEP, init: Any = _KEEP, **backward_options: Any) -> None:
+                  backward: Any = _KEEP, lipschitz: Any = _KEEP, lipschitz_margin: Any = _KEEP, init: Any = _KEEP,
+                  **backward_options: Any) -> None:
         """Change the run-time options (validated, all or nothing); unset ones are kept.
 
         ``backward_options`` (flat backward fields) refine the given backward, or the current one.
@@ -116,10 +129,14 @@ class SparseReconstruction(nn.Module):
         check_loop_args(new_steps, new_tol)
         if lipschitz is not _KEEP:
             check_lipschitz_mode(lipschitz)
+        if lipschitz_margin is not _KEEP and lipschitz_margin is not None and not (
+                isinstance(lipschitz_margin, (int, float)) and not isinstance(lipschitz_margin, bool)
+                and math.isfinite(lipschitz_margin) and lipschitz_margin >= 0):
+            raise ValueError(f"lipschitz_margin must be None or a finite number >= 0, got {lipschitz_margin!r}")
         if init is not _KEEP and init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {init!r}")
         if lam is not _KEEP:
-            lam_t = torch.as_tensor(lam, dtype=torch.get_default_dtype())
+            lam_t = torch.as_tensor(lam, dtype=torch.float64)
             if not bool(torch.isfinite(lam_t).all()) or bool((lam_t < 0).any()):
                 raise ValueError(f"lam must be finite and >= 0, got {lam}")
         new_backward = layer_backward(self.backward if backward is _KEEP else backward, **backward_options)
@@ -129,6 +146,8 @@ class SparseReconstruction(nn.Module):
         self.max_steps, self.tol, self.backward = new_steps, new_tol, new_backward
         if lipschitz is not _KEEP:
             self.lipschitz = lipschitz
+        if lipschitz_margin is not _KEEP:
+            self.lipschitz_margin = lipschitz_margin
         if init is not _KEEP:
             self.init = init
         if lam is not _KEEP:
@@ -136,14 +155,14 @@ class SparseReconstruction(nn.Module):
                 if self.learn_lam:
                     self.lam_raw.copy_(_softplus_inv(lam_t.clamp_min(1e-6)).expand_as(self.lam_raw))
                 else:
-                    self.lam_value = lam_t.to(self.lam_value.device).clone()
+                    self.lam_value = lam_t.to(self.lam_value.device, self.lam_value.dtype).clone()
 
     def forward(self, x: torch.Tensor, source: torch.Tensor | None = None,
                 num_prefix_tokens: int | None = None) -> torch.Tensor:
         op = self.dictionary(x if source is None else source, num_prefix_tokens=num_prefix_tokens)
         lam = self.lam.to(device=x.device, dtype=x.dtype)
         problem = SparseCoding(op, x, lam, nonneg=self.nonneg, lipschitz=self.lipschitz,
-                               check_finite=self.check_finite)
+                               check_finite=self.check_finite, lipschitz_margin=self.margin)
         z, sol = sparse_code(problem, solver=self.solver, backward=self.backward, max_steps=self.max_steps,
                              tol=self.tol, z0=self.init, return_solution=True)
         stats = sol.stats
@@ -162,7 +181,7 @@ class SparseReconstruction(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"solver={self.solver!r}, max_steps={self.max_steps}, tol={self.tol}, backward={self.backward}, "
-            f"lipschitz={self.lipschitz!r}, nonneg={self.nonneg}, learn_lam={self.learn_lam}"
+            f"lipschitz={self.lipschitz!r}, margin={self.margin:g}, init={self.init!r}, nonneg={self.nonneg}, learn_lam={self.learn_lam}"
         )
 
 

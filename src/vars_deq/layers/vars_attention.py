@@ -38,15 +38,18 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..dictionaries import PerformerDictionary, UnionDictionary
+from ..dictionaries import FreeAtoms, PerformerDictionary, UnionDictionary
 from ..dictionaries.conv import STATIC_IMPLS, StaticAtoms
 from ..backward import FLAT_BACKWARD_KEYS, Backward
 from ..solvers import Solver
 from .sparse_reconstruction import SparseReconstruction
 
-__all__ = ["VARSAttention", "DICTIONARY_KINDS", "LAYER_OPTIONS"]
+__all__ = ["VARSAttention", "DICTIONARY_KINDS", "STATIC_ATOMS", "LAYER_OPTIONS"]
 
 DICTIONARY_KINDS = ("sd", "s", "d")
+#: "conv": learned k x k templates translated over the token grid (the paper's text); "free": a free
+#: learned (N x M_s) matrix per head over a fixed token count (the original VARS-SD code)
+STATIC_ATOMS = ("conv", "free")
 #: Static dictionary defaults: one 5 x 5 template per head, as the original VARS-S had one (full-size) kernel
 #: per head; here small, so resolution-agnostic (the original full-size FFT kernels tie a model to one size).
 DEFAULT_NUM_KERNELS = 1
@@ -64,11 +67,16 @@ class VARSAttention(nn.Module):
 
     VARS keywords:
         dictionary: "sd" (default), "s" or "d" (see the module docstring).
-        lam, solver, max_steps, tol, backward, lipschitz, nonneg, learn_lam, init: the sparse
-            coding and its gradient (:class:`SparseReconstruction`); defaults follow the original
-            code: lam 0.3, 5 ISTA steps from the encode init, backprop through the unroll, and the
-            Gershgorin bound for the step 1/L (cheap on GPU, where batched eigvalsh is slow).
-        num_kernels, kernel_size, padding: the static templates ("s", "sd"; default 1, 5, circular).
+        lam, solver, max_steps, tol, backward, lipschitz, lipschitz_margin, nonneg, learn_lam, init:
+            the sparse coding and its gradient (:class:`SparseReconstruction`); the defaults are the
+            original code's: lam 0.3, 5 ISTA steps from the thresholded encode S_lam(D^T v),
+            backprop through the unroll, and the step 1/L with L = Gershgorin bound + 1, detached.
+        static_atoms: "conv" (default; translated templates, any square grid) or "free" (a learned
+            (N x M_s) matrix per head, M_s = the number of dynamic features, as in the original
+            VARS-SD code; needs ``num_tokens``, the fixed token count N).
+        num_kernels, kernel_size, padding: the static templates ("conv"; default 1, 5, circular).
+            Templates are normalized over the tokens with the dynamic atoms in "sd" (as the original
+            normalizes its union); VARS-S ("s") uses its kernels as learned (as the original does).
         static_impl: how the static atoms are applied: "fft" (convolution through the FFT), "dense"
             (materialized once per forward, then dense products) or "auto" (dense up to
             ``DENSE_STATIC_MAX_ATOMS`` atoms per head). The math is the same.
@@ -108,7 +116,10 @@ class VARSAttention(nn.Module):
         lipschitz: str = "gershgorin",
         nonneg: bool = False,
         learn_lam: bool = False,
-        init: str = "encode",
+        init: str = "thresholded_encode",
+        lipschitz_margin: float | None = None,
+        static_atoms: str = "conv",
+        num_tokens: int | None = None,
         num_kernels: int | None = None,
         kernel_size: int | None = None,
         padding: str | None = None,
@@ -149,10 +160,18 @@ class VARSAttention(nn.Module):
             raise ValueError(f"num_prefix_tokens must be None (inferred) or an int >= 0, got {num_prefix_tokens!r}")
         if static_impl is not None and static_impl not in STATIC_IMPLS:
             raise ValueError(f"static_impl must be one of {STATIC_IMPLS}, got {static_impl!r}")
+        if static_atoms not in STATIC_ATOMS:
+            raise ValueError(f"static_atoms must be one of {STATIC_ATOMS}, got {static_atoms!r}")
+        free = static and static_atoms == "free"
+        if free and (isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 1):
+            raise ValueError(f"static_atoms='free' needs num_tokens, the token count (an int >= 1), got {num_tokens!r}")
+        if num_tokens is not None and not free:
+            raise ValueError("num_tokens sets the free static atoms; it needs static_atoms='free' and a static dictionary")
         for name, value in (("num_kernels", num_kernels), ("kernel_size", kernel_size), ("padding", padding),
                             ("static_impl", static_impl)):
-            if value is not None and not static:
-                raise ValueError(f"{name} sets the static templates, but dictionary {dictionary!r} has none")
+            if value is not None and (not static or free):
+                raise ValueError(f"{name} sets the static conv templates, but dictionary {dictionary!r} with "
+                                 f"static_atoms={static_atoms!r} has none")
         for name, value in (("num_features", num_features), ("orthogonal", orthogonal), ("feature_seed", feature_seed)):
             if value is not None and not dynamic:
                 raise ValueError(f"{name} sets the dynamic features, but dictionary {dictionary!r} has none")
@@ -177,17 +196,21 @@ class VARSAttention(nn.Module):
                 attn_head_dim, num_features=num_features, num_heads=num_heads, orthogonal=bool(orthogonal),
                 seed=0 if feature_seed is None else feature_seed,
             ))
-        if static:
+        if free:
+            parts.append(FreeAtoms(num_heads, num_tokens, 2 * attn_head_dim if num_features is None else num_features))
+        elif static:
             parts.append(StaticAtoms(
                 DEFAULT_NUM_KERNELS if num_kernels is None else num_kernels,
                 DEFAULT_KERNEL_SIZE if kernel_size is None else kernel_size,
                 num_heads=num_heads, padding="circular" if padding is None else padding,
                 num_prefix_tokens=num_prefix_tokens or 0, impl="auto" if static_impl is None else static_impl,
+                normalize=dynamic,
             ))
         atoms = parts[0] if len(parts) == 1 else UnionDictionary(*parts)
         self.vars = SparseReconstruction(
             atoms.to(**dd), lam=lam, solver=solver, max_steps=max_steps, tol=tol, backward=backward,
-            nonneg=nonneg, lipschitz=lipschitz, learn_lam=learn_lam, init=init, **backward_options,
+            nonneg=nonneg, lipschitz=lipschitz, learn_lam=learn_lam, init=init, lipschitz_margin=lipschitz_margin,
+            **backward_options,
         ).to(**dd)
 
     @property
@@ -214,12 +237,13 @@ class VARSAttention(nn.Module):
         return self.num_prefix_tokens
 
     @property
-    def static_atoms(self) -> StaticAtoms | None:
-        """The static (conv) part of the dictionary, or None for "d"."""
+    def static_atoms(self) -> StaticAtoms | FreeAtoms | None:
+        """The static part of the dictionary (conv: ``.kernels`` (H, K, k, k); free: ``.weight``
+        (H, N, M_s)), or None for "d"."""
         atoms = self.vars.dictionary
         if isinstance(atoms, UnionDictionary):
             atoms = atoms.b
-        return atoms if isinstance(atoms, StaticAtoms) else None
+        return atoms if isinstance(atoms, (StaticAtoms, FreeAtoms)) else None
 
     @property
     def dynamic_atoms(self) -> PerformerDictionary | None:
@@ -235,7 +259,7 @@ class VARSAttention(nn.Module):
             raise ValueError(f"VARSAttention expects x of shape (B, N, dim={self.dim}), got {tuple(x.shape)}")
         B, N, _ = x.shape
         # the prefix count follows the input size when inferred; it is passed, never stored
-        prefix = self.grid_prefix(N) if self.static_atoms is not None else None
+        prefix = self.grid_prefix(N) if isinstance(self.static_atoms, StaticAtoms) else None
         # the solver makes many passes over v and q: contiguous (B, H, N, d) halves their cost
         v = self.v(x).reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2).contiguous()
         if self.q is None:

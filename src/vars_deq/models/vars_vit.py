@@ -1,21 +1,24 @@
 """VARS vision transformers registered with timm, their baselines, and a convolutional stem.
 
 Every model is a timm ``VisionTransformer``; only the attention (and, with ``conv_stem=True``,
-the patch embedding) differs:
+the patch embedding) differs. The VARS models follow the original code's settings (its RVT
+skeletons have no class token and pool the average of the tokens):
 
-- ``vars_{s,d,sd}_deit_{tiny,small}_patch16_224``: DeiT skeletons with VARSAttention (VARS-S
-  pools the grid tokens, without a class token, which its static atoms would keep apart);
-- ``performer_deit_{tiny,small}_patch16_224``: Performer linear attention (the paper's "DeiT*");
-  the self-attention baseline is timm's own ``deit_{tiny,small}_patch16_224``;
+- ``vars_d_*``: VARS-D (Performer atoms of the queries, lam 0.3, 5 ISTA steps, L = Gershgorin + 1);
+- ``vars_sd_*``: VARS-SD with free learned static atoms over the model's token count;
+- ``vars_s_*``: VARS-S per channel (one head per channel): 5 full-size circular kernels, lam 3.5,
+  3 steps, the exact step bound;
+- ``vars_{s,d,sd}_deit_{tiny,small}_patch16_224`` and ``performer_deit_{tiny,small}_patch16_224``
+  (Performer linear attention, the paper's "DeiT*") use the convolutional patch stem the paper used
+  for every starred model; the self-attention baseline is timm's own ``deit_{tiny,small}_patch16_224``;
 - ``vars_{s,d,sd}_digits``, ``deit_digits``, ``performer_digits``: one small skeleton for the
   8 x 8 grayscale digits of scikit-learn (img_size 8, in_chans 1, 10 classes, patch 2 so a 4 x 4
-  grid, width 64, depth 4, 4 heads, MLP ratio 2; 3 x 3 static templates), practical on a CPU: an
-  epoch of 1,437 images at batch 64 took 0.7 s (self-attention) to 5 s (VARS-SD) on one core.
+  grid, width 64, depth 4, 4 heads, MLP ratio 2), practical on a CPU.
 
-VARS keywords (lam, solver, max_steps, tol, backward, lipschitz, nonneg, learn_lam, init,
-num_kernels, kernel_size, padding, static_impl, num_features, orthogonal, feature_seed and the
-backward options) given to ``timm.create_model`` reach every VARS layer. No weights are downloaded:
-``pretrained=True`` needs a local file, ``pretrained_cfg_overlay=dict(file=...)``.
+VARS keywords (every name in ``VARS_LAYER_KEYS``: lam, solver, max_steps, tol, backward, lipschitz,
+static_atoms, num_kernels, ... and the flat backward options) given to ``timm.create_model`` reach
+every VARS layer and override the variant's settings. No weights are downloaded: ``pretrained=True``
+needs a local file, ``pretrained_cfg_overlay=dict(file=...)``.
 """
 
 from __future__ import annotations
@@ -47,11 +50,10 @@ DEIT_TINY = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3)
 DEIT_SMALL = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6)
 # patch 2 (a 4 x 4 grid, 17 tokens): an epoch of 1,437 images at batch 64 takes seconds on a CPU
 DIGITS = dict(img_size=8, in_chans=1, num_classes=10, patch_size=2, embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0)
-# 3 x 3 templates: a 5 x 5 one would wrap around the 4 x 4 torus onto itself
+# conv templates on digits (static_atoms="conv"): 3 x 3, since a 5 x 5 one would wrap around the 4 x 4 torus
 DIGITS_STATIC = dict(kernel_size=3)
-# static atoms keep prefix tokens apart from the grid (one identity atom each), so a class token
-# would never see the image: VARS-S models pool the grid tokens instead
-STATIC_ONLY = dict(class_token=False, global_pool="avg")
+# the original VARS models (RVT skeletons) have no class token and pool the average of the tokens
+NO_CLASS_TOKEN = dict(class_token=False, global_pool="avg")
 
 
 class ConvStemPatchEmbed(PatchEmbed):
@@ -113,9 +115,48 @@ default_cfgs = generate_default_cfgs({
 })
 
 
+def _per_channel(skeleton: dict) -> dict:
+    """VARS-S codes every channel on its own (the original's groups = dim): one head per channel."""
+    return {**skeleton, **NO_CLASS_TOKEN, "num_heads": skeleton["embed_dim"]}
+
+
+def _grid_tokens(model: VisionTransformer) -> int:
+    return int(math.prod(model.patch_embed.grid_size))
+
+
+def _sd_defaults(model: VisionTransformer, config: dict) -> dict:
+    """The original VARS-SD: free static atoms over the model's token count (unless conv atoms are asked for)."""
+    if config.get("static_atoms", "free") != "free":
+        return DIGITS_STATIC if model.patch_embed.grid_size == (4, 4) else {}
+    return {"static_atoms": "free", "num_tokens": _grid_tokens(model) + model.num_prefix_tokens}
+
+
+def _s_defaults(model: VisionTransformer, config: dict, lam: float = 3.5) -> dict:
+    """The original VARS-S: per channel (the skeleton has one head per channel), 5 full-size
+    circular kernels through the FFT, lam 3.5, 3 steps, the exact step bound."""
+    side = model.patch_embed.grid_size[0]
+    return dict(num_kernels=5, kernel_size=side, lam=lam, max_steps=3, lipschitz="exact", static_impl="fft")
+
+
+def _s_digits_defaults(model: VisionTransformer, config: dict) -> dict:
+    """VARS-S on digits: the original's settings but lam 0.3 (the O(1) signals of this small model
+    would leave every code zero at lam 3.5, so the layer would learn nothing)."""
+    return _s_defaults(model, config, lam=0.3)
+
+
+def _no_pre_norm(model: VisionTransformer) -> None:
+    """The original VARS-S block feeds the attention the un-normalized tokens (no norm1)."""
+    for block in model.blocks:
+        block.norm1 = nn.Identity()
+
+
 def _build(variant: str, pretrained: bool, model_args: dict, kwargs: dict, dictionary: str | None = None,
-           attn_layer: type[nn.Module] | None = None, layer_defaults: dict | None = None) -> VisionTransformer:
-    """Build the skeleton, swap in the attention, then load weights (so VARS checkpoints fit)."""
+           attn_layer: type[nn.Module] | None = None, layer_defaults=None,
+           conv_stem: bool = False) -> VisionTransformer:
+    """Build the skeleton, swap in the attention, then load weights (so VARS checkpoints fit).
+
+    ``layer_defaults(model, config) -> dict``: the variant's layer settings, given the built
+    skeleton and the user's layer config (which overrides them)."""
     kwargs = dict(kwargs)
     layer_config = {k: kwargs.pop(k) for k in list(kwargs) if k in VARS_LAYER_KEYS}
     if dictionary is None and (layer_config or "dictionary" in kwargs):
@@ -123,7 +164,7 @@ def _build(variant: str, pretrained: bool, model_args: dict, kwargs: dict, dicti
         raise ValueError(f"{variant} has no VARS layers to apply {given} to")
     if "dictionary" in kwargs:
         raise ValueError(f"{variant} fixes the dictionary in its name; pick vars_s_/vars_d_/vars_sd_ instead")
-    if kwargs.pop("conv_stem", False):
+    if kwargs.pop("conv_stem", conv_stem):
         kwargs["embed_layer"] = ConvStemPatchEmbed
     if attn_layer is not None:
         kwargs["attn_layer"] = attn_layer
@@ -133,7 +174,10 @@ def _build(variant: str, pretrained: bool, model_args: dict, kwargs: dict, dicti
         **{**model_args, **kwargs},
     )
     if dictionary is not None:
-        convert_vit(model, dictionary, **{**(layer_defaults or {}), **layer_config})
+        defaults = layer_defaults(model, layer_config) if layer_defaults is not None else {}
+        convert_vit(model, dictionary, **{**defaults, **layer_config})
+        if dictionary == "s":
+            _no_pre_norm(model)
     if pretrained:
         cfg = model.pretrained_cfg
         if not (cfg.get("file") or cfg.get("state_dict")):
@@ -151,49 +195,57 @@ def _build(variant: str, pretrained: bool, model_args: dict, kwargs: dict, dicti
 @register_model
 def vars_s_deit_tiny_patch16_224(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
     """DeiT-Tiny with VARS-S attention (static conv templates)."""
-    return _build("vars_s_deit_tiny_patch16_224", pretrained, {**DEIT_TINY, **STATIC_ONLY}, kwargs, dictionary="s")
+    return _build("vars_s_deit_tiny_patch16_224", pretrained, _per_channel(DEIT_TINY), kwargs, dictionary="s",
+                  layer_defaults=_s_defaults, conv_stem=True)
 
 
 @register_model
 def vars_d_deit_tiny_patch16_224(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
     """DeiT-Tiny with VARS-D attention (dynamic Performer atoms of the queries)."""
-    return _build("vars_d_deit_tiny_patch16_224", pretrained, DEIT_TINY, kwargs, dictionary="d")
+    return _build("vars_d_deit_tiny_patch16_224", pretrained, {**DEIT_TINY, **NO_CLASS_TOKEN}, kwargs, dictionary="d",
+                  conv_stem=True)
 
 
 @register_model
 def vars_sd_deit_tiny_patch16_224(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
     """DeiT-Tiny with VARS-SD attention (static and dynamic atoms)."""
-    return _build("vars_sd_deit_tiny_patch16_224", pretrained, DEIT_TINY, kwargs, dictionary="sd")
+    return _build("vars_sd_deit_tiny_patch16_224", pretrained, {**DEIT_TINY, **NO_CLASS_TOKEN}, kwargs,
+                  dictionary="sd", layer_defaults=_sd_defaults, conv_stem=True)
 
 
 @register_model
 def vars_s_deit_small_patch16_224(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
     """DeiT-Small with VARS-S attention."""
-    return _build("vars_s_deit_small_patch16_224", pretrained, {**DEIT_SMALL, **STATIC_ONLY}, kwargs, dictionary="s")
+    return _build("vars_s_deit_small_patch16_224", pretrained, _per_channel(DEIT_SMALL), kwargs, dictionary="s",
+                  layer_defaults=_s_defaults, conv_stem=True)
 
 
 @register_model
 def vars_d_deit_small_patch16_224(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
     """DeiT-Small with VARS-D attention."""
-    return _build("vars_d_deit_small_patch16_224", pretrained, DEIT_SMALL, kwargs, dictionary="d")
+    return _build("vars_d_deit_small_patch16_224", pretrained, {**DEIT_SMALL, **NO_CLASS_TOKEN}, kwargs, dictionary="d",
+                  conv_stem=True)
 
 
 @register_model
 def vars_sd_deit_small_patch16_224(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
     """DeiT-Small with VARS-SD attention."""
-    return _build("vars_sd_deit_small_patch16_224", pretrained, DEIT_SMALL, kwargs, dictionary="sd")
+    return _build("vars_sd_deit_small_patch16_224", pretrained, {**DEIT_SMALL, **NO_CLASS_TOKEN}, kwargs,
+                  dictionary="sd", layer_defaults=_sd_defaults, conv_stem=True)
 
 
 @register_model
 def performer_deit_tiny_patch16_224(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
     """DeiT-Tiny with Performer linear attention (the paper's DeiT* baseline)."""
-    return _build("performer_deit_tiny_patch16_224", pretrained, DEIT_TINY, kwargs, attn_layer=PerformerAttention)
+    return _build("performer_deit_tiny_patch16_224", pretrained, DEIT_TINY, kwargs, attn_layer=PerformerAttention,
+                  conv_stem=True)
 
 
 @register_model
 def performer_deit_small_patch16_224(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
     """DeiT-Small with Performer linear attention."""
-    return _build("performer_deit_small_patch16_224", pretrained, DEIT_SMALL, kwargs, attn_layer=PerformerAttention)
+    return _build("performer_deit_small_patch16_224", pretrained, DEIT_SMALL, kwargs, attn_layer=PerformerAttention,
+                  conv_stem=True)
 
 
 # -- the digits skeleton ---------------------------------------------------------------------
@@ -202,20 +254,21 @@ def performer_deit_small_patch16_224(pretrained: bool = False, **kwargs: Any) ->
 @register_model
 def vars_s_digits(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
     """VARS-S on 8 x 8 digits."""
-    return _build("vars_s_digits", pretrained, {**DIGITS, **STATIC_ONLY}, kwargs, dictionary="s",
-                  layer_defaults=DIGITS_STATIC)
+    return _build("vars_s_digits", pretrained, _per_channel(DIGITS), kwargs, dictionary="s",
+                  layer_defaults=_s_digits_defaults)
 
 
 @register_model
 def vars_d_digits(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
     """VARS-D on 8 x 8 digits."""
-    return _build("vars_d_digits", pretrained, DIGITS, kwargs, dictionary="d")
+    return _build("vars_d_digits", pretrained, {**DIGITS, **NO_CLASS_TOKEN}, kwargs, dictionary="d")
 
 
 @register_model
 def vars_sd_digits(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
     """VARS-SD on 8 x 8 digits."""
-    return _build("vars_sd_digits", pretrained, DIGITS, kwargs, dictionary="sd", layer_defaults=DIGITS_STATIC)
+    return _build("vars_sd_digits", pretrained, {**DIGITS, **NO_CLASS_TOKEN}, kwargs, dictionary="sd",
+                  layer_defaults=_sd_defaults)
 
 
 @register_model
