@@ -76,8 +76,9 @@ def support_solve(
 
     Compute runs in float32 or wider whatever the input dtype (bf16/fp16 in: float32); u comes
     back in ``rhs``'s dtype. Columns are solved in chunks whose gathered Gram fits
-    :data:`GATHER_BUDGET_BYTES`. Host syncs: one for s_max (it sets the shapes) and one per chunk
-    to learn whether any column needs the fallback. Inputs must be finite.
+    :data:`GATHER_BUDGET_BYTES`. Host syncs: one for s_max (it sets the shapes), one per chunk to
+    learn whether any column needs the fallback, and one more in a chunk where some do. Nothing
+    is differentiated through (it runs under no_grad). Inputs must be finite.
 
     Args:
         gram: G_p = D_p^T D_p, (P, M, M), or (1, M, M) for one Gram shared by all problems (it
@@ -102,13 +103,12 @@ def support_solve(
         raise ValueError(f"ridge must be a finite number >= 0, got {ridge!r}")
     wide = _wide(gram.dtype, rhs.dtype)
     device = rhs.device
-    eta_t = torch.as_tensor(eta, dtype=wide, device=device)
-    try:
-        eta_p = eta_t.broadcast_to((P, 1, 1)).reshape(P)
-    except RuntimeError:
-        raise ValueError(f"eta must broadcast to (P, 1, 1) = ({P}, 1, 1), got shape {tuple(eta_t.shape)}") from None
-
     with torch.no_grad(), torch.autocast(device.type, enabled=False):
+        eta_t = torch.as_tensor(eta, dtype=wide, device=device)
+        try:
+            eta_p = eta_t.broadcast_to((P, 1, 1)).reshape(P)
+        except RuntimeError:
+            raise ValueError(f"eta must broadcast to (P, 1, 1) = ({P}, 1, 1), got shape {tuple(eta_t.shape)}") from None
         # one row per (problem, column) system, problem-major
         keep = (mask != 0).transpose(1, 2).reshape(P * C, M)
         rhs_rows = rhs.transpose(1, 2).reshape(P * C, M)
