@@ -1,0 +1,227 @@
+"""A direct adjoint on the active set of the lasso map, and the cost model that picks it or CG.
+
+At a lasso fixed point the implicit backward needs, per problem p and code column c with support
+S = {i : mask[p, i, c]} (DESIGN.md section 6),
+
+    A u_S = rhs_S,    A = eta_p G_p[S, S] + ridge I,    u = 0 off S,    G_p = D_p^T D_p.
+
+:func:`support_solve` gathers each column's support Gram, padded to the batch's largest support
+s_max, and solves it by one batched Cholesky factorization: about s^3 / 3 flops per column, against
+one M x M Gram product per column for every conjugate-gradient iteration (:func:`cg_flops`).
+:func:`choose_adjoint` compares the two counts.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "support_solve",
+    "direct_flops",
+    "cg_flops",
+    "choose_adjoint",
+    "GATHER_BUDGET_BYTES",
+    "RCOND_FACTOR",
+    "DEFAULT_CG_ITERATIONS",
+]
+
+GATHER_BUDGET_BYTES = 2**28
+"""Largest gathered support Gram (columns x s_max x s_max, in the compute dtype) built at once:
+256 MiB. Columns beyond it are solved in further chunks; a chunk's peak is about twice this (the
+matrix and its Cholesky factor) plus the fallback's eigendecomposition of its failed columns."""
+
+RCOND_FACTOR = 10.0
+"""A support system counts as numerically singular below the relative level
+rcond = RCOND_FACTOR * s * eps(compute dtype), s its padded size: a Cholesky pivot d_k with
+d_k <= rcond * max_i A_ii (every pivot is >= lambda_min(A), so cond(A) >= 1 / rcond), and in the
+fallback the eigenvalues |w| <= rcond * max |w| that are treated as zero."""
+
+DEFAULT_CG_ITERATIONS = 120
+"""Expected CG iterations for :func:`choose_adjoint`: measured on VARS-shaped problems (Performer
+atoms, N=196, M=128, C=64, lam 0.3) after a 30-step FISTA forward, where the support Gram of the
+all-positive atoms is ill-conditioned (median condition number 416; issue 11)."""
+
+
+def _wide(*dtypes: torch.dtype) -> torch.dtype:
+    dtype = dtypes[0]
+    for d in dtypes[1:]:
+        dtype = torch.promote_types(dtype, d)
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def support_solve(
+    gram: torch.Tensor,
+    mask: torch.Tensor,
+    rhs: torch.Tensor,
+    eta: torch.Tensor | float,
+    ridge: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Solve (eta_p G_p[S, S] + ridge I) u_S = rhs_S for every (problem p, column c), u = 0 off S.
+
+    Each column's support indices are gathered (padded to the batch's largest support s_max) and
+    the padded system is factorized by ``torch.linalg.cholesky_ex`` and solved by
+    ``torch.linalg.cholesky_solve``. Pad rows and columns hold d I with d = max_i A_ii of the
+    column (1 where the support is empty), so the padded matrix stays SPD, at the system's scale,
+    and the pad entries solve to exactly 0.
+
+    Fallback: a column whose system is not numerically positive definite (Cholesky fails, or a
+    pivot is at most rcond * max_i A_ii, see :data:`RCOND_FACTOR`; e.g. a support larger than
+    the token count makes G_SS singular) is solved instead by the symmetric eigendecomposition
+    A = V diag(w) V^T as u_S = V diag(1 / w, 0 where |w| <= rcond max|w|) V^T rhs_S: the
+    minimum-norm least-squares solution, which is the exact solution wherever A is nonsingular
+    (to its rounding) and solves A u_S = rhs_S exactly when rhs_S lies in A's range. Otherwise no
+    exact solution exists and the returned residual says how far off u is.
+
+    Compute runs in float32 or wider whatever the input dtype (bf16/fp16 in: float32); u comes
+    back in ``rhs``'s dtype. Columns are solved in chunks whose gathered Gram fits
+    :data:`GATHER_BUDGET_BYTES`. Host syncs: one for s_max (it sets the shapes), one per chunk to
+    learn whether any column needs the fallback, and one more in a chunk where some do. Nothing
+    is differentiated through (it runs under no_grad). Inputs must be finite.
+
+    Args:
+        gram: G_p = D_p^T D_p, (P, M, M), or (1, M, M) for one Gram shared by all problems (it
+            is indexed, never expanded).
+        mask: (P, M, C) support, bool or 0/1.
+        rhs: (P, M, C); entries off the support are ignored.
+        eta: step, broadcastable to (P, 1, 1): a number or a tensor.
+        ridge: >= 0, added to the support system's diagonal.
+
+    Returns:
+        u (P, M, C) in ``rhs``'s dtype, and the relative residual ||A u_S - rhs_S|| / ||rhs_S||
+        per problem, max over its columns (0 where rhs_S = 0), shape (P,), in the compute dtype.
+    """
+    if rhs.dim() != 3:
+        raise ValueError(f"rhs must be (P, M, C), got shape {tuple(rhs.shape)}")
+    P, M, C = rhs.shape
+    if mask.shape != rhs.shape:
+        raise ValueError(f"mask must have rhs's shape {tuple(rhs.shape)}, got {tuple(mask.shape)}")
+    if gram.dim() != 3 or gram.shape[0] not in (1, P) or gram.shape[1:] != (M, M):
+        raise ValueError(f"gram must be (P, M, M) or (1, M, M) with P={P}, M={M}, got {tuple(gram.shape)}")
+    if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not (0 <= ridge < math.inf):
+        raise ValueError(f"ridge must be a finite number >= 0, got {ridge!r}")
+    wide = _wide(gram.dtype, rhs.dtype)
+    device = rhs.device
+    with torch.no_grad(), torch.autocast(device.type, enabled=False):
+        eta_t = torch.as_tensor(eta, dtype=wide, device=device)
+        try:
+            eta_p = eta_t.broadcast_to((P, 1, 1)).reshape(P)
+        except RuntimeError:
+            raise ValueError(f"eta must broadcast to (P, 1, 1) = ({P}, 1, 1), got shape {tuple(eta_t.shape)}") from None
+        # one row per (problem, column) system, problem-major
+        keep = (mask != 0).transpose(1, 2).reshape(P * C, M)
+        rhs_rows = rhs.transpose(1, 2).reshape(P * C, M)
+        u_rows = torch.zeros(P * C, M, dtype=wide, device=device)
+        rel_rows = torch.zeros(P * C, dtype=wide, device=device)
+        s_max = int(keep.sum(-1).amax()) if keep.numel() else 0
+        if s_max > 0:
+            chunk = max(1, GATHER_BUDGET_BYTES // (s_max * s_max * torch.finfo(wide).bits // 8))
+            problem_of_row = torch.arange(P, device=device).repeat_interleave(C)
+            for start in range(0, P * C, chunk):
+                rows = slice(start, min(start + chunk, P * C))
+                u_rows[rows], rel_rows[rows] = _solve_rows(
+                    gram, keep[rows], rhs_rows[rows], eta_p[problem_of_row[rows]], problem_of_row[rows],
+                    float(ridge), s_max, wide,
+                )
+        u = u_rows.reshape(P, C, M).transpose(1, 2).contiguous().to(rhs.dtype)
+        rel = rel_rows.reshape(P, C).amax(-1) if C > 0 else torch.zeros(P, dtype=wide, device=device)
+    return u, rel
+
+
+def _solve_rows(gram, keep, rhs_rows, eta_rows, problem_of_row, ridge, s, wide):
+    """support_solve on k flat (problem, column) rows: keep (k, M) bool, rhs_rows (k, M);
+    returns the rows of u (k, M) and their relative residuals (k,)."""
+    k = keep.shape[0]
+    # stable sort puts each row's support first, in index order; the tail indexes off-support atoms
+    idx = torch.sort(keep.to(torch.uint8), dim=-1, descending=True, stable=True).indices[:, :s]
+    valid = torch.arange(s, device=keep.device) < keep.sum(-1, keepdim=True)
+    if gram.shape[0] == 1:
+        A = gram[0][idx[:, :, None], idx[:, None, :]]
+    else:
+        A = gram[problem_of_row[:, None, None], idx[:, :, None], idx[:, None, :]]
+    A = A.to(wide) * eta_rows[:, None, None]
+    A = torch.where(valid[:, :, None] & valid[:, None, :], A, 0)
+    diag = A.diagonal(dim1=-2, dim2=-1)
+    d_max = torch.where(valid, diag + ridge, -math.inf).amax(-1, keepdim=True)
+    pad = torch.where(d_max > 0, d_max, 1.0)
+    diag.add_(torch.where(valid, ridge, pad))
+    b = torch.where(valid, rhs_rows.gather(1, idx).to(wide), 0)
+
+    rcond = RCOND_FACTOR * s * torch.finfo(wide).eps
+    L, info = torch.linalg.cholesky_ex(A)
+    u = torch.cholesky_solve(b[:, :, None], L)[..., 0]
+    pivots = L.diagonal(dim1=-2, dim2=-1).pow(2).amin(-1)
+    scale = A.diagonal(dim1=-2, dim2=-1).amax(-1)
+    # the negated comparison also sends NaN pivots (a failed factorization's garbage) to the fallback
+    bad = (info != 0) | ~(pivots > rcond * scale)
+    if bool(bad.any()):
+        which = bad.nonzero()[:, 0]
+        w, V = torch.linalg.eigh(A[which])
+        cut = rcond * w.abs().amax(-1, keepdim=True)
+        inv = torch.where(w.abs() > cut, 1.0 / torch.where(w.abs() > cut, w, 1.0), 0.0)
+        u[which] = (V @ (inv * (V.transpose(-1, -2) @ b[which, :, None])[..., 0])[..., None])[..., 0]
+    u = torch.where(valid, u, 0)
+
+    r = (A @ u[:, :, None])[..., 0] - b
+    r_norm, b_norm = r.norm(dim=-1), b.norm(dim=-1)
+    rel = torch.where(b_norm > 0, r_norm / torch.where(b_norm > 0, b_norm, 1.0), r_norm)
+    out = torch.zeros(k, keep.shape[1], dtype=wide, device=keep.device)
+    out.scatter_(1, idx, u)
+    return out, rel
+
+
+# -- cost model --------------------------------------------------------------------------------
+
+
+def _check_counts(**kw) -> None:
+    for name, v in kw.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {v!r}")
+
+
+def direct_flops(P: int, C: int, M: int, s_max: int) -> float:
+    """Flops of :func:`support_solve` on P problems of C columns, padded support size s = s_max.
+
+    Per column (flops count a multiply and an add separately): gathering the support Gram s^2,
+    its Cholesky factorization s^3 / 3, the two triangular solves s^2 each (2 s^2), the residual
+    check A u 2 s^2, and 2 M for the support indices and the scatter back:
+
+        P C (s^3 / 3 + 5 s^2 + 2 M).
+
+    The Gram G = D^T D is taken as formed (its cost, the same for CG, is left out). The fallback
+    of numerically singular columns (an eigendecomposition, about 9 s^3) is not counted.
+    """
+    _check_counts(P=P, C=C, M=M, s_max=s_max)
+    if s_max > M:
+        raise ValueError(f"s_max must be <= M={M}, got {s_max}")
+    s = float(s_max)
+    return P * C * (s**3 / 3 + 5 * s * s + 2 * M)
+
+
+def cg_flops(P: int, C: int, M: int, iterations: float) -> float:
+    """Flops of conjugate gradient on the masked system, P problems of C columns, M atoms.
+
+    Per column and iteration: one Gram product G v, M^2 multiply-adds (2 M^2 flops), and the
+    vector work of two dot products and three updates (x, r, p) over M entries, 10 M flops:
+
+        P C iterations (2 M^2 + 10 M).
+    """
+    _check_counts(P=P, C=C, M=M)
+    if isinstance(iterations, bool) or not isinstance(iterations, (int, float)) or not (0 <= iterations < math.inf):
+        raise ValueError(f"iterations must be a finite number >= 0, got {iterations!r}")
+    return P * C * iterations * (2.0 * M * M + 10.0 * M)
+
+
+def choose_adjoint(
+    P: int, C: int, M: int, s_max: int, expected_cg_iterations: float = DEFAULT_CG_ITERATIONS
+) -> str:
+    """"direct" when :func:`direct_flops` <= :func:`cg_flops` at ``expected_cg_iterations``
+    (default :data:`DEFAULT_CG_ITERATIONS`), else "cg".
+
+    A flop model only: it does not see that batched small Cholesky factorizations run below
+    matrix-product throughput (on GPUs especially), nor CG stopping early on easy problems.
+    With s = M the direct solve wins once CG needs more than about M / 6 iterations.
+    """
+    direct = direct_flops(P, C, M, s_max)
+    return "direct" if direct <= cg_flops(P, C, M, expected_cg_iterations) else "cg"

@@ -1,0 +1,342 @@
+"""The direct adjoint on the active set: support_solve against dense per-column solves, its
+singular fallback, dtypes and chunking, the lasso implicit gradient it gives, and the cost model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+import vars_deq as vd
+from vars_deq import direct_adjoint
+from vars_deq.direct_adjoint import (
+    DEFAULT_CG_ITERATIONS,
+    cg_flops,
+    choose_adjoint,
+    direct_flops,
+    support_solve,
+)
+from vars_deq.prox import active_mask
+
+F64 = torch.float64
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+
+def dense_reference(gram, mask, rhs, eta, ridge=0.0):
+    """Per-column torch.linalg.solve of (eta_p G_p[S, S] + ridge I) u_S = rhs_S (a loop, test only)."""
+    P, M, C = rhs.shape
+    gram = gram.expand(P, M, M)
+    eta = torch.as_tensor(eta, dtype=rhs.dtype).broadcast_to((P, 1, 1))
+    u = torch.zeros_like(rhs)
+    for p in range(P):
+        for c in range(C):
+            S = mask[p, :, c].nonzero()[:, 0]
+            if len(S):
+                A = eta[p, 0, 0] * gram[p][S][:, S] + ridge * torch.eye(len(S), dtype=rhs.dtype)
+                u[p, S, c] = torch.linalg.solve(A, rhs[p, S, c])
+    return u
+
+
+def honest_residual(gram, mask, rhs, eta, u, ridge=0.0):
+    """max over columns of ||A u_S - rhs_S|| / ||rhs_S|| (0 where rhs_S = 0), per problem."""
+    P, M, C = rhs.shape
+    gram = gram.expand(P, M, M)
+    eta = torch.as_tensor(eta, dtype=rhs.dtype).broadcast_to((P, 1, 1))
+    m = mask.to(rhs.dtype)
+    r = m * (eta * (gram @ (m * u)) + ridge * u) - m * rhs
+    b = (m * rhs).norm(dim=1)
+    rel = torch.where(b > 0, r.norm(dim=1) / torch.where(b > 0, b, 1.0), r.norm(dim=1))
+    return rel.amax(-1)
+
+
+@st.composite
+def spd_cases(draw, shared=None):
+    """Well-conditioned random support systems: Gram of N >= M + 4 Gaussian atoms per problem."""
+    seed = draw(st.integers(0, 2**31 - 1), label="seed")
+    P, M, C = draw(st.integers(1, 3)), draw(st.integers(1, 7)), draw(st.integers(1, 4))
+    shared_ = draw(st.booleans(), label="shared") if shared is None else shared
+    density = draw(st.sampled_from((0.0, 0.3, 0.7, 1.0)), label="density")
+    per_problem_eta = draw(st.booleans(), label="eta tensor")
+    ridge = draw(st.sampled_from((0.0, 1e-3, 0.5, 10.0)), label="ridge")
+    g = torch.Generator().manual_seed(seed)
+    D = torch.randn(1 if shared_ else P, 2 * M + 4, M, generator=g, dtype=F64)
+    gram = D.transpose(1, 2) @ D
+    mask = torch.rand(P, M, C, generator=g, dtype=F64) < density
+    rhs = torch.randn(P, M, C, generator=g, dtype=F64)
+    eta = torch.rand(P, 1, 1, generator=g, dtype=F64) + 0.1 if per_problem_eta else 0.7
+    return gram, mask, rhs, eta, ridge
+
+
+@given(spd_cases())
+def test_matches_dense_solve_and_reports_small_residual(case):
+    gram, mask, rhs, eta, ridge = case
+    u, rel = support_solve(gram, mask, rhs, eta, ridge)
+    ref = dense_reference(gram, mask, rhs, eta, ridge)
+    torch.testing.assert_close(u, ref, rtol=1e-10, atol=1e-10 * max(1.0, ref.abs().max().item()))
+    assert torch.equal(u[~mask], torch.zeros_like(u[~mask]))  # u = 0 off the support, pads included
+    assert rel.shape == (rhs.shape[0],) and rel.dtype == F64
+    assert bool((rel < 1e-12).all())
+    torch.testing.assert_close(rel, honest_residual(gram, mask, rhs, eta, u, ridge), atol=1e-13, rtol=0)
+
+
+@given(spd_cases(shared=True))
+def test_shared_gram_equals_expanded_gram(case):
+    gram, mask, rhs, eta, ridge = case
+    expanded = gram.expand(rhs.shape[0], -1, -1).contiguous()
+    u1, rel1 = support_solve(gram, mask, rhs, eta, ridge)
+    u2, rel2 = support_solve(expanded, mask, rhs, eta, ridge)
+    torch.testing.assert_close(u1, u2, rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(rel1, rel2, rtol=0, atol=1e-15)
+
+
+@given(spd_cases())
+def test_entries_off_the_support_are_ignored(case):
+    gram, mask, rhs, eta, ridge = case
+    noisy = torch.where(mask, rhs, 1e30)
+    u_noisy, u = support_solve(gram, mask, noisy, eta, ridge)[0], support_solve(gram, mask, rhs, eta, ridge)[0]
+    assert torch.equal(u_noisy, u)
+
+
+@pytest.mark.parametrize("fill", [False, True], ids=["empty", "full"])
+def test_empty_and_full_supports(fill):
+    g = torch.Generator().manual_seed(3)
+    D = torch.randn(2, 15, 6, generator=g, dtype=F64)
+    gram = D.transpose(1, 2) @ D
+    mask = torch.full((2, 6, 3), fill)
+    rhs = torch.randn(2, 6, 3, generator=g, dtype=F64)
+    u, rel = support_solve(gram, mask, rhs, 0.25)
+    if fill:
+        torch.testing.assert_close(u, torch.linalg.solve(0.25 * gram, rhs), rtol=1e-12, atol=1e-12)
+        assert bool((rel < 1e-13).all())
+    else:
+        assert torch.equal(u, torch.zeros_like(u)) and torch.equal(rel, torch.zeros_like(rel))
+
+
+def test_columns_with_different_support_sizes():
+    """Column c holds c random atoms (0 to M), so every pad length from M down to 0 occurs."""
+    g = torch.Generator().manual_seed(4)
+    P, M = 2, 7
+    D = torch.randn(P, 20, M, generator=g, dtype=F64)
+    gram = D.transpose(1, 2) @ D
+    mask = torch.zeros(P, M, M + 1, dtype=torch.bool)
+    for p in range(P):
+        for c in range(M + 1):
+            mask[p, torch.randperm(M, generator=g)[:c], c] = True
+    rhs = torch.randn(P, M, M + 1, generator=g, dtype=F64)
+    eta = torch.tensor([0.3, 2.0], dtype=F64).reshape(P, 1, 1)
+    u, rel = support_solve(gram, mask, rhs, eta, 0.0)
+    torch.testing.assert_close(u, dense_reference(gram, mask, rhs, eta), rtol=1e-11, atol=1e-11)
+    assert torch.equal(u[~mask], torch.zeros_like(u[~mask]))
+    assert bool((rel < 1e-12).all())
+
+
+def test_mask_may_be_zero_one_and_rhs_zero_on_support_gives_zero_residual():
+    g = torch.Generator().manual_seed(5)
+    D = torch.randn(1, 9, 4, generator=g, dtype=F64)
+    gram = D.transpose(1, 2) @ D
+    mask = (torch.rand(3, 4, 2, generator=g) < 0.5).to(F64)
+    rhs = (1 - mask) * torch.randn(3, 4, 2, generator=g, dtype=F64)  # zero on the support
+    u, rel = support_solve(gram, mask, rhs, 1.0)
+    assert torch.equal(u, torch.zeros_like(u)) and torch.equal(rel, torch.zeros_like(rel))
+    rhs = torch.randn(3, 4, 2, generator=g, dtype=F64)
+    assert torch.equal(support_solve(gram, mask, rhs, 1.0)[0], support_solve(gram, mask.bool(), rhs, 1.0)[0])
+
+
+# -- singular support systems -------------------------------------------------------------------
+
+
+def singular_case(seed, n=3, m=7, c=2):
+    """Problem 0: N=20 tokens (G_SS SPD); problem 1: N=n < m atoms, full support (G_SS of rank n)."""
+    g = torch.Generator().manual_seed(seed)
+    D0 = torch.randn(20, m, generator=g, dtype=F64)
+    D1 = torch.randn(n, m, generator=g, dtype=F64)
+    gram = torch.stack([D0.T @ D0, D1.T @ D1])
+    mask = torch.rand(2, m, c, generator=g) < 0.7
+    mask[1] = True
+    rhs = torch.randn(2, m, c, generator=g, dtype=F64)
+    return gram, mask, rhs
+
+
+@settings(max_examples=15)
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(1, 5), eta=st.sampled_from((1e-3, 0.1, 1.0)))
+def test_singular_support_falls_back_to_minimum_norm_least_squares(seed, n, eta):
+    """Documented fallback: where G_SS is singular u_S = pinv(A) rhs_S, finite; the residual is the
+    honest one (large for an rhs outside A's range); the nonsingular columns stay exact."""
+    gram, mask, rhs = singular_case(seed, n=n)
+    u, rel = support_solve(gram, mask, rhs, eta)
+    assert bool(torch.isfinite(u).all())
+    A1 = eta * gram[1]
+    pinv_solution = torch.linalg.pinv(A1, hermitian=True) @ rhs[1]
+    torch.testing.assert_close(u[1], pinv_solution, rtol=1e-8, atol=1e-8 * rhs.abs().max().item() / eta)
+    torch.testing.assert_close(u[:1], dense_reference(gram[:1], mask[:1], rhs[:1], eta), rtol=1e-10, atol=1e-10 / eta)
+    torch.testing.assert_close(rel, honest_residual(gram, mask, rhs, eta, u), rtol=1e-8, atol=1e-12)
+    assert rel[0] < 1e-12 and rel[1] > 1e-3  # a random rhs is not in the rank-n range of A1
+
+    consistent = A1 @ rhs[1]  # in A1's range: the fallback solves it exactly
+    u_c, rel_c = support_solve(gram[1:], mask[1:], consistent[None], eta)
+    assert rel_c[0] < 1e-9
+    torch.testing.assert_close(A1 @ u_c[0], consistent, rtol=1e-9, atol=1e-9 * consistent.abs().max().item())
+
+
+@settings(max_examples=15)
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(1, 5))
+def test_singular_support_in_float32_is_detected(seed, n):
+    """In float32 rounding leaves a rank-n Gram with tiny (not failed) pivots: the pivot test
+    still sends it to the fallback instead of a huge Cholesky solution."""
+    gram, mask, rhs = singular_case(seed, n=n)
+    u, _ = support_solve(gram[1:].float(), mask[1:], rhs[1:].float(), 0.1)
+    ref = torch.linalg.pinv(0.1 * gram[1], hermitian=True) @ rhs[1]
+    assert ((u[0].double() - ref).norm() / ref.norm()).item() < 1e-3
+
+
+def test_ridge_makes_a_singular_support_system_exact():
+    gram, mask, rhs = singular_case(7)
+    u, rel = support_solve(gram, mask, rhs, 0.5, ridge=1e-2)
+    torch.testing.assert_close(u, dense_reference(gram, mask, rhs, 0.5, ridge=1e-2), rtol=1e-9, atol=1e-9)
+    assert bool((rel < 1e-12).all())
+
+
+# -- dtypes, chunking, validation ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_input_computes_in_float32(dtype):
+    g = torch.Generator().manual_seed(8)
+    D = torch.randn(2, 16, 6, generator=g)
+    gram = (D.transpose(1, 2) @ D).to(dtype)
+    mask = torch.rand(2, 6, 3, generator=g) < 0.6
+    rhs = torch.randn(2, 6, 3, generator=g).to(dtype)
+    u, rel = support_solve(gram, mask, rhs, 0.1)
+    assert u.dtype == dtype and rel.dtype == torch.float32 and bool(torch.isfinite(u).all())
+    u32, rel32 = support_solve(gram.float(), mask, rhs.float(), 0.1)
+    assert torch.equal(u, u32.to(dtype)) and torch.equal(rel, rel32)
+    assert bool((rel < 1e-5).all())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(support_solve(gram.float(), mask, rhs.float(), 0.1)[0], u32)
+
+
+@given(spd_cases())
+def test_chunked_solve_equals_one_chunk(case):
+    gram, mask, rhs, eta, ridge = case
+    whole = support_solve(gram, mask, rhs, eta, ridge)
+    before = direct_adjoint.GATHER_BUDGET_BYTES
+    direct_adjoint.GATHER_BUDGET_BYTES = 1  # one column per chunk
+    try:
+        chunked = support_solve(gram, mask, rhs, eta, ridge)
+    finally:
+        direct_adjoint.GATHER_BUDGET_BYTES = before
+    torch.testing.assert_close(chunked[0], whole[0], rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(chunked[1], whole[1], rtol=0, atol=1e-15)
+
+
+def test_invalid_arguments_raise():
+    gram, mask, rhs = torch.eye(3)[None], torch.ones(2, 3, 1, dtype=torch.bool), torch.ones(2, 3, 1)
+    with pytest.raises(ValueError, match="rhs"):
+        support_solve(gram, mask[0], rhs[0], 1.0)
+    with pytest.raises(ValueError, match="mask"):
+        support_solve(gram, mask[:, :2], rhs, 1.0)
+    with pytest.raises(ValueError, match="gram"):
+        support_solve(torch.eye(3).expand(3, 3, 3), mask, rhs, 1.0)
+    with pytest.raises(ValueError, match="gram"):
+        support_solve(torch.eye(2)[None], mask, rhs, 1.0)
+    with pytest.raises(ValueError, match="ridge"):
+        support_solve(gram, mask, rhs, 1.0, ridge=-1.0)
+    with pytest.raises(ValueError, match="eta"):
+        support_solve(gram, mask, rhs, torch.ones(3, 1, 1))
+
+
+# -- the lasso implicit gradient ----------------------------------------------------------------
+
+
+@settings(max_examples=10)
+@given(seed=st.integers(0, 2**31 - 1), nonneg=st.booleans(), frac=st.floats(0.1, 0.6))
+def test_lasso_implicit_gradient_matches_finite_differences(seed, nonneg, frac):
+    """Where the support S and signs s = sign(z_S) are stable, the lasso solution is
+
+        z_S = G_SS^{-1} (D_S^T x - lam s),    z = 0 off S,    G = D^T D,
+
+    so for L = <w, z*>: dL/dx = D_S G_SS^{-1} w_S = eta D_S u_S with eta G_SS u_S = w_S (the
+    adjoint system of the map T at its fixed point, DESIGN.md section 6), and
+    dz_S/dlam = -G_SS^{-1} s (support_solve with eta = 1 and rhs -s). z* is piecewise linear in
+    (x, lam), so central differences are exact inside one support region: the tolerance only
+    covers the forward's accuracy."""
+    g = torch.Generator().manual_seed(seed)
+    N, M, C, h = 12, 8, 2, 1e-5
+    D = torch.randn(N, M, generator=g, dtype=F64)
+    x = torch.randn(N, C, generator=g, dtype=F64)
+    w = torch.randn(M, C, generator=g, dtype=F64)
+    b = D.T @ x
+    lam_max = (b.clamp_min(0) if nonneg else b.abs()).max().item()
+    assume(lam_max > 1e-3)
+    lam = frac * lam_max
+    # one batch: x, x +- h e_k for every entry k of x, then lam +- h
+    E = torch.eye(N * C, dtype=F64).reshape(N * C, N, C)
+    xs = torch.cat([x[None], x + h * E, x - h * E, x[None].expand(2, N, C)])
+    lams = torch.full((xs.shape[0], 1, 1), lam, dtype=F64)
+    lams[-2], lams[-1] = lam + h, lam - h
+    sol = vd.solve(vd.SparseCoding(D, xs, lams, nonneg=nonneg), solver="fista", max_steps=5000, tol=1e-12)
+    assert bool(sol.converged.all())
+    z = sol.z
+    assume(bool((torch.sign(z) == torch.sign(z[:1])).all()))  # every perturbation stays in z's support region
+
+    gram = (D.T @ D)[None]
+    eta = 1.0 / torch.linalg.matrix_norm(D, 2).pow(2)
+    pre = z[0] - eta * (gram[0] @ z[0] - b)
+    mask = active_mask(pre, eta * lam, nonneg)[None]
+    assert torch.equal(mask[0], z[0] != 0)
+
+    u, rel = support_solve(gram, mask, w[None], eta)
+    assert rel.item() < 1e-10
+    grad_x = eta * D @ u[0]
+    L = (z * w).sum((-2, -1))
+    fd_x = ((L[1:1 + N * C] - L[1 + N * C:1 + 2 * N * C]) / (2 * h)).reshape(N, C)
+    torch.testing.assert_close(grad_x, fd_x, rtol=1e-5, atol=1e-5 * max(1.0, fd_x.abs().max().item()))
+
+    dz_dlam, rel = support_solve(gram, mask, -torch.sign(z[:1]), 1.0)
+    assert rel.item() < 1e-10
+    fd_lam = (z[-2] - z[-1]) / (2 * h)
+    torch.testing.assert_close(dz_dlam[0], fd_lam, rtol=1e-5, atol=1e-5 * max(1.0, fd_lam.abs().max().item()))
+
+
+# -- the cost model -----------------------------------------------------------------------------
+
+
+def test_flop_counts():
+    assert direct_flops(2, 3, 10, 6) == 2 * 3 * (6**3 / 3 + 5 * 36 + 20)
+    assert cg_flops(2, 3, 10, 7) == 2 * 3 * 7 * (2 * 100 + 100)
+    assert direct_flops(4, 5, 8, 0) == 4 * 5 * 16 and cg_flops(4, 5, 8, 0) == 0
+
+
+@given(P=st.integers(1, 64), C=st.integers(1, 64), M=st.integers(1, 256), data=st.data())
+def test_choice_follows_the_counts(P, C, M, data):
+    s = data.draw(st.integers(0, M), label="s_max")
+    it = data.draw(st.floats(0, 1000), label="iterations")
+    assert direct_flops(P, C, M, s) <= direct_flops(P, C, M, min(M, s + 1))
+    expected = "direct" if direct_flops(P, C, M, s) <= cg_flops(P, C, M, it) else "cg"
+    assert choose_adjoint(P, C, M, s, it) == expected
+
+
+def test_choice_on_vars_shaped_problems():
+    """Issue 11's measured shape: 24 problems, M=128, C=64, supports up to 107 of 128 atoms."""
+    assert DEFAULT_CG_ITERATIONS == 120
+    assert choose_adjoint(24, 64, 128, 107) == "direct"
+    assert choose_adjoint(24, 64, 128, 128) == "direct"
+    assert choose_adjoint(24, 64, 128, 128, expected_cg_iterations=5) == "cg"
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: direct_flops(-1, 1, 4, 2),
+        lambda: direct_flops(1, 1.5, 4, 2),
+        lambda: direct_flops(1, 1, 4, 5),
+        lambda: cg_flops(1, 1, 4, -1),
+        lambda: cg_flops(1, 1, True, 3),
+        lambda: choose_adjoint(1, 1, 4, 2, expected_cg_iterations=float("inf")),
+    ],
+)
+def test_cost_model_rejects_bad_counts(call):
+    with pytest.raises(ValueError):
+        call()
