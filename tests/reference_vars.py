@@ -111,7 +111,7 @@ def gershgorin_lipschitz(atoms: Tensor) -> Tensor:
     """L = max_i sum_j |(D^T D)_ij| + 1, detached: atoms D (B, H, N, M) -> (B, H, 1, 1).
 
     The Gershgorin bound of D^T D is >= its largest eigenvalue ||D||_2^2, so the step 1/L is a valid
-    ISTA step (and the +1 makes it strictly smaller than needed).
+    ISTA step; the +1 makes it strictly shorter than 1 / ||D||_2^2.
     Source: cf10635 and 651eb51 ``VARS_D.att_func`` / ``VARS_SD.att_func``
     (``kk.norm(p=1, dim=-1).max(dim=-1)[0].detach() + 1``, kk = D^T D).
     """
@@ -195,7 +195,9 @@ def vars_d_problem(
     return F.normalize(atoms, dim=-2), v
 
 
-def _vars_dense(x, W_qv, b_qv, w_feat, static_atoms, W_proj, b_proj, num_heads, lam, steps, normalize_queries, lipschitz):
+def _vars_dense(
+    x, W_qv, b_qv, w_feat, static_atoms, W_proj, b_proj, num_heads, lam, steps, normalize_queries, lipschitz
+) -> Tensor:
     atoms, v = vars_d_problem(x, W_qv, b_qv, w_feat, num_heads, static_atoms, normalize_queries)
     gram = atoms.transpose(-2, -1) @ atoms
     step = gershgorin_lipschitz(atoms) if lipschitz is None else lipschitz
