@@ -18,6 +18,7 @@ from torch.nn import functional as F
 from reference_vars import (
     gershgorin_lipschitz,
     original_ista,
+    original_kernel,
     original_spectrum,
     original_vars_d,
     original_vars_s,
@@ -68,12 +69,6 @@ def run_sd(w, **kw):
     )
 
 
-def spectrum_of_atoms(atoms: torch.Tensor) -> torch.Tensor:
-    """The original's ``kernel`` (C, K, 1, S, S//2+1, 2) whose synthesis atoms are the real kernels (C, K, S, S)."""
-    spec = torch.view_as_complex(original_spectrum(atoms)).conj().resolve_conj()
-    return torch.view_as_real(spec).unsqueeze(2)
-
-
 def s_weights(seed: int, b: int = 2, s: int = 4, c: int = 3, k: int = 5, gain: float = 4.0):
     """x (B, S*S, C) and VARS-S weights; the kernels are spectra of real kernels (module note 2)."""
     g = torch.Generator().manual_seed(seed)
@@ -85,7 +80,7 @@ def s_weights(seed: int, b: int = 2, s: int = 4, c: int = 3, k: int = 5, gain: f
         x=r(b, s * s, c),
         W_v=r(c, c, scale=gain / math.sqrt(c)),
         b_v=r(c, scale=0.1),
-        kernel=spectrum_of_atoms(r(c, k, s, s, scale=1 / s)),
+        kernel=original_kernel(r(c, k, s, s, scale=1 / s)),
         kernel2=original_spectrum(r(c, s, s, scale=1 / s))[:, None, None],
         bn_weight=1 + r(c, scale=0.2),
         bn_bias=r(c, scale=0.1),
@@ -383,7 +378,7 @@ def test_spectral_products_are_circular_convolutions(s):
     torch.testing.assert_close(spectral_filter(y, spec), circular_conv(y, k), rtol=1e-12, atol=1e-13)
     atoms = torch.randn(3, 2, s, s, generator=g, dtype=DT)
     z = torch.randn(2, 3, 2, s, s, generator=g, dtype=DT)
-    dspec = torch.view_as_complex(spectrum_of_atoms(atoms).squeeze(2))
+    dspec = torch.view_as_complex(original_kernel(atoms).squeeze(2))
     expected = circular_conv(z[:, :, 0], atoms[:, 0]) + circular_conv(z[:, :, 1], atoms[:, 1])
     torch.testing.assert_close(spectral_decode(z, dspec), expected, rtol=1e-12, atol=1e-13)
     # the encoder correlates with the atoms: its kernels are the atoms flipped
