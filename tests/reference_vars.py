@@ -69,6 +69,7 @@ __all__ = [
     "original_vars_d",
     "original_vars_sd",
     "original_spectrum",
+    "original_kernel",
     "spectral_encode",
     "spectral_decode",
     "spectral_normal",
@@ -111,7 +112,7 @@ def gershgorin_lipschitz(atoms: Tensor) -> Tensor:
     """L = max_i sum_j |(D^T D)_ij| + 1, detached: atoms D (B, H, N, M) -> (B, H, 1, 1).
 
     The Gershgorin bound of D^T D is >= its largest eigenvalue ||D||_2^2, so the step 1/L is a valid
-    ISTA step (and the +1 makes it strictly smaller than needed).
+    ISTA step; the +1 makes it strictly shorter than 1 / ||D||_2^2.
     Source: cf10635 and 651eb51 ``VARS_D.att_func`` / ``VARS_SD.att_func``
     (``kk.norm(p=1, dim=-1).max(dim=-1)[0].detach() + 1``, kk = D^T D).
     """
@@ -195,7 +196,9 @@ def vars_d_problem(
     return F.normalize(atoms, dim=-2), v
 
 
-def _vars_dense(x, W_qv, b_qv, w_feat, static_atoms, W_proj, b_proj, num_heads, lam, steps, normalize_queries, lipschitz):
+def _vars_dense(
+    x, W_qv, b_qv, w_feat, static_atoms, W_proj, b_proj, num_heads, lam, steps, normalize_queries, lipschitz
+) -> Tensor:
     atoms, v = vars_d_problem(x, W_qv, b_qv, w_feat, num_heads, static_atoms, normalize_queries)
     gram = atoms.transpose(-2, -1) @ atoms
     step = gershgorin_lipschitz(atoms) if lipschitz is None else lipschitz
@@ -267,10 +270,8 @@ def original_spectrum(kernels: Tensor, centered: bool = True) -> Tensor:
     (entry (a, b) is the offset (a - S//2, b - S//2), the library's ``ConvOperator`` convention), else
     kernels as given (entry (a, b) is the offset (a, b)). With W this spectrum, the original's product
     :func:`spectral_filter` is the circular convolution y[p] = sum_o k[o] x[p - o].
-    Hence, for VARS-S synthesis atoms t (C, K, S, S) (D z = sum_k t_k * z_k, per channel) the original's
-    ``kernel`` is conj of this spectrum, (C, K, 1, S, S//2+1, 2):
-    ``torch.view_as_real(torch.view_as_complex(original_spectrum(t)).conj().resolve_conj()).unsqueeze(2)``; its
-    ``kernel2`` for a per-channel filter f (C, S, S) is ``original_spectrum(f)[:, None, None]``.
+    Hence the original's ``kernel2`` for a per-channel filter f (C, S, S) is
+    ``original_spectrum(f)[:, None, None]``; for its ``kernel`` see :func:`original_kernel`.
     """
     s = kernels.shape[-1]
     if kernels.dim() < 2 or kernels.shape[-2] != s:
@@ -278,6 +279,18 @@ def original_spectrum(kernels: Tensor, centered: bool = True) -> Tensor:
     if centered:
         kernels = torch.roll(kernels, shifts=(-(s // 2), -(s // 2)), dims=(-2, -1))
     return torch.view_as_real(torch.fft.rfft2(kernels))
+
+
+def original_kernel(atoms: Tensor, centered: bool = True) -> Tensor:
+    """The original's VARS-S ``kernel`` (C, K, 1, S, S//2+1, 2) whose synthesis atoms are atoms (C, K, S, S).
+
+    The original decodes with conj(W) (module note 2), so D z = sum_k t_k * z_k (circular convolution per
+    channel, t = atoms) needs W_k = conj(rfft2(t_k)): the conjugate of :func:`original_spectrum`, with the
+    original's singleton input-channel axis. For the library's ``ConvDictionary`` pass its
+    ``templates()`` (normalized, centered) with kernel_size = S.
+    """
+    spec = torch.view_as_complex(original_spectrum(atoms, centered)).conj().resolve_conj()
+    return torch.view_as_real(spec).unsqueeze(2)
 
 
 def spectral_encode(y: Tensor, spec: Tensor) -> Tensor:
@@ -378,8 +391,8 @@ def original_vars_s(
 
     kernel: (C, K, 1, S, S//2+1, 2), kernel2: (C, 1, 1, S, S//2+1, 2): the original's parameters
     ``kernel`` and ``kernel2`` as they are stored (real pairs of the complex half spectrum; K = 5 is its
-    ``int_dim_ratio``). For kernels given in space see :func:`original_spectrum`: the synthesis atoms are
-    irfft2(conj W_k), i.e. the encoder kernels irfft2(W_k) flipped.
+    ``int_dim_ratio``). For kernels given in space see :func:`original_kernel` and :func:`original_spectrum`:
+    the synthesis atoms are irfft2(conj W_k), i.e. the encoder kernels irfft2(W_k) flipped.
     BatchNorm: ``bn_training=False`` (default) normalizes with the given running statistics
     bn_mean, bn_var (C,) (eval mode); True uses the batch's statistics (train mode, running stats unused).
     The block's residual, MLP and DropPath are outside; W_proj (C, C), b_proj (C,); W_v (C, C), b_v (C,)
