@@ -269,3 +269,24 @@ def test_sparse_reconstruction_rejects_bad_configuration():
     assert layer.backward.name == "implicit" and layer.max_steps == 7
     with pytest.raises(ValueError, match="no VARS"):
         vd.configure_layers(torch.nn.Linear(2, 2), backward="implicit")
+
+
+@pytest.mark.parametrize("adjoint", ["direct", "auto"])
+def test_direct_and_auto_adjoints_match_cg_and_say_which_ran(adjoint):
+    D, x, lam = lasso_data(12)
+    w = torch.randn(2, 6, 2, generator=torch.Generator().manual_seed(5), dtype=F64)
+    ref = grads(D, x, lam, "implicit", w, adjoint="cg", adjoint_tol=1e-13, adjoint_max_steps=1000)
+    got = grads(D, x, lam, "implicit", w, adjoint=adjoint)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
+    xr = x.clone().requires_grad_()
+    z, sol = vd.sparse_code(vd.SparseCoding(D, xr, lam), backward=vd.Implicit(adjoint=adjoint), return_solution=True,
+                            **solve_kw())
+    (z * w).sum().backward()
+    assert sol.stats.adjoint.method in (("direct",) if adjoint == "direct" else ("direct", "cg"))
+    assert bool(sol.stats.adjoint.converged.all())
+
+
+def test_direct_adjoint_is_refused_for_generic_maps():
+    with pytest.raises(ValueError, match="symmetric system"):
+        vd.fixed_point(lambda z: 0.5 * z, torch.ones(2, 3), adjoint="direct")

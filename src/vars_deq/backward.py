@@ -44,15 +44,16 @@ from .equilibrium import (
     solve_quietly,
 )
 from .problems import LassoBatch, SparseCoding
+from .direct_adjoint import choose_adjoint, support_solve
 from .prox import active_mask
 from .solvers import ISTA, Anderson, LoopSolver, Solver, make_solver
 
 __all__ = ["Backward", "Implicit", "Unroll", "Phantom", "make_backward", "sparse_code", "fixed_point", "BACKWARDS",
            "ADJOINTS", "ConvergenceError", "FLAT_BACKWARD_KEYS"]
 
-ADJOINTS = ("auto", "cg", "fixed_point", "anderson")
+ADJOINTS = ("auto", "direct", "cg", "fixed_point", "anderson")
 #: adjoint solves that need the lasso's symmetric support system
-LASSO_ONLY_ADJOINTS = ("cg",)
+LASSO_ONLY_ADJOINTS = ("direct", "cg")
 UNCONVERGED = ("warn", "error", "ignore")
 
 
@@ -89,8 +90,11 @@ class Implicit(Backward):
     """Implicit differentiation: u = (I - J^T)^{-1} g by an adjoint solve at the detached equilibrium.
 
     Args:
-        adjoint: "auto" (default: "cg" for lasso problems, "anderson" for generic maps), "cg" on the
-            lasso's active set (DESIGN.md section 6), "fixed_point" or "anderson" on u = g + J^T u.
+        adjoint: "auto" (default: for lasso problems "direct" or "cg", whichever the flop counts of
+            :func:`~vars_deq.direct_adjoint.choose_adjoint` favour; "anderson" for generic maps),
+            "direct" (batched Cholesky of each code column's support Gram, exact to rounding),
+            "cg" on the lasso's active set (DESIGN.md section 6), "fixed_point" or "anderson" on
+            u = g + J^T u.
         tol: the adjoint's residual, relative to the right-hand side g.
         max_steps: most adjoint iterations.
         ridge: >= 0; solves the damped support system (eta G_SS + ridge I) u_S = g_S: exact at 0,
@@ -125,10 +129,11 @@ class Implicit(Backward):
                              "'anderson' or 'auto'")
 
     def method(self, lasso: bool) -> str:
-        """The adjoint solve that runs: "auto" resolved for the problem kind."""
-        if self.adjoint != "auto":
+        """The adjoint solve asked for: "auto" stays for lasso problems (resolved in the backward,
+        from the support sizes) and is "anderson" for generic maps."""
+        if self.adjoint != "auto" or lasso:
             return self.adjoint
-        return "cg" if lasso else "anderson"
+        return "anderson"
 
     def attach(self, eq):
         with torch.no_grad():
@@ -284,12 +289,14 @@ def conjugate_gradient(apply_A, rhs, tol, max_steps):
 
 
 def _lasso_adjoint(flat: LassoBatch, zs, g, method, tol, max_steps, ridge=0.0):
-    """u with (I - J^T) u = g for the lasso map at zs; returns u restricted to the support.
+    """u with (I - J^T) u = g for the lasso map at zs; returns (u, steps, residual, method run).
 
     Runs in float32 or wider whatever the autocast dtype (the operator is converted when the
     forward ran in half precision). With ``ridge`` > 0 the support system becomes
     (eta G_SS + ridge I) u_S = g_S: after a short, unconverged forward the support can hold more
-    atoms than tokens, G_SS is then singular and CG would diverge.
+    atoms than tokens, G_SS is then singular and CG would diverge. "direct" solves the support
+    systems by batched Cholesky (:func:`vars_deq.direct_adjoint.support_solve`); "auto" picks it
+    or CG from the flop counts of :func:`vars_deq.direct_adjoint.choose_adjoint`.
     """
     out_dtype = g.dtype
     wide = torch.float32 if g.dtype in (torch.float16, torch.bfloat16) or flat.b.dtype in (
@@ -301,6 +308,12 @@ def _lasso_adjoint(flat: LassoBatch, zs, g, method, tol, max_steps, ridge=0.0):
         gz = op.normal(zs)
         pre = zs - eta * (gz - b)
         mask = active_mask(pre, eta * lam, flat.nonneg).to(wide)
+        if method == "auto":
+            P, M, C = mask.shape
+            method = choose_adjoint(P, C, M, int(mask.sum(-2).max()))  # the backward may sync
+        if method == "direct":
+            u, rel = support_solve(_gram(op), mask, g, eta, ridge)
+            return u.to(out_dtype), torch.ones(u.shape[0], dtype=torch.long, device=u.device), rel, method
         if method == "cg":
             rhs = mask * g / eta
 
@@ -308,14 +321,23 @@ def _lasso_adjoint(flat: LassoBatch, zs, g, method, tol, max_steps, ridge=0.0):
                 return mask * (op.normal(mask * v) + (ridge / eta) * v) + (1 - mask) * v
 
             u, steps, rel = conjugate_gradient(apply_A, rhs, tol, max_steps)
-            return u.to(out_dtype), steps, rel
+            return u.to(out_dtype), steps, rel, method
 
         def adjoint_map(u):  # u = g + J^T u, J^T v = (I - eta G)(M v)
             mv = mask * u
             return g + mv - eta * op.normal(mv) - ridge * mv
 
         u, steps, rel = _iterate_adjoint(adjoint_map, g, method, tol, max_steps, mask)
-        return u.to(out_dtype), steps, rel
+        return u.to(out_dtype), steps, rel, method
+
+
+def _gram(op) -> torch.Tensor:
+    """G = D^T D (P or 1, M, M): the operator's own Gram where it keeps one, else from its atoms."""
+    gram = getattr(op, "gram", None)
+    if gram is not None:
+        return gram.reshape(-1, *gram.shape[-2:])
+    d = op.materialize()
+    return d.transpose(-1, -2) @ d
 
 
 def _iterate_adjoint(adjoint_map, g, method, tol, max_steps, mask=None):
@@ -348,8 +370,8 @@ class _ImplicitFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         (zs,) = ctx.saved_tensors
-        u, steps, rel = ctx.adjoint(zs, g)
-        _record_adjoint(ctx.stats, ctx.method, steps, rel, ctx.tol)
+        u, steps, rel, method = ctx.adjoint(zs, g)
+        _record_adjoint(ctx.stats, method, steps, rel, ctx.tol)
         return u, None, None, None, None, None
 
 
@@ -366,20 +388,25 @@ def _map_adjoint(f, method, tol, max_steps):
 
         with torch.no_grad():
             u, steps, rel = _iterate_adjoint(adjoint_map, g.reshape(g.shape[0], -1), method, tol, max_steps)
-        return u.reshape(shape), steps, rel
+        return u.reshape(shape), steps, rel, method
 
     return adjoint
 
 
 def _record_adjoint(stats: AdjointStats | None, method, steps, rel, tol) -> None:
-    converged = rel < tol
+    # a direct solve is exact to rounding: its residual measures the support Gram's conditioning in
+    # the compute dtype, so it counts as converged below sqrt(eps) as well as below tol
+    limit = max(tol, math.sqrt(torch.finfo(rel.dtype).eps)) if method == "direct" else tol
+    converged = rel < limit
     if stats is not None:
         stats.method, stats.steps, stats.residual, stats.converged = method, steps, rel, converged
         stats.calls += 1
     if not bool(converged.all()):
         warnings.warn(
             f"adjoint solve ({method}) did not reach adjoint_tol={tol:g} on {int((~converged).sum())} of "
-            f"{converged.numel()} problems (largest residual {rel.max().item():.3g}); raise adjoint_max_steps",
+            f"{converged.numel()} problems (largest residual {rel.max().item():.3g}); "
+            + ("the support Gram is near singular: set adjoint_ridge > 0" if method == "direct"
+               else "raise adjoint_max_steps"),
             ConvergenceWarning,
             stacklevel=2,
         )
