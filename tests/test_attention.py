@@ -73,7 +73,10 @@ def test_forward_backward_every_parameter_gets_gradient(kind, backward):
         assert p.grad.abs().sum() > 0, f"{name} got a zero gradient"
     stats = layer.last_stats
     assert set(stats) == {"steps", "residual", "converged"}
-    assert float(stats["steps"]) == layer.vars.max_steps and 0.0 <= float(stats["converged"]) <= 1.0
+    # a fixed-step forward (unroll's preset) runs max_steps; a forward with a tol (the DEQ preset) stops early
+    steps = float(stats["steps"])
+    assert (steps == layer.vars.max_steps) if layer.vars.tol is None else (1 <= steps <= layer.vars.max_steps)
+    assert 0.0 <= float(stats["converged"]) <= 1.0
 
 
 @pytest.mark.parametrize("kind", ["s", "sd"])

@@ -15,7 +15,7 @@ from ..equilibrium import INITS, REPORT_TOL, Solution, SolveStats, check_loop_ar
 from ..problems import SparseCoding
 from ..solvers import Solver, make_solver
 
-__all__ = ["SparseReconstruction", "configure_layers", "layer_stats", "RUNTIME_OPTIONS"]
+__all__ = ["SparseReconstruction", "configure_layers", "layer_stats", "RUNTIME_OPTIONS", "PRESET", "FORWARD_PRESETS"]
 
 #: the layer's damping of the implicit adjoint when ``backward="implicit"`` is given by name:
 #: layers run short, unconverged forwards (5 steps) whose support can exceed the token count,
@@ -24,6 +24,25 @@ LAYER_ADJOINT_RIDGE = 1e-3
 
 #: "not given" for configure's keywords (None is a valid tol)
 _KEEP: Any = object()
+
+
+class _Preset:
+    """The default of solver, max_steps and tol: the backward's forward preset (FORWARD_PRESETS)."""
+
+    def __repr__(self) -> str:
+        return "PRESET"
+
+
+PRESET: Any = _Preset()
+
+#: the original VARS code's forward: 5 ISTA steps, no stopping test (no host sync)
+ORIGINAL_FORWARD = {"solver": "ista", "max_steps": 5, "tol": None}
+#: a forward that converges, for gradients that assume an equilibrium (implicit, phantom): FISTA to a
+#: relative residual of 1e-3 per problem, at most 100 steps (measured on the digits VARS-SD model:
+#: see the README's implicit-training table)
+DEQ_FORWARD = {"solver": "fista", "max_steps": 100, "tol": 1e-3}
+#: backward name -> the solver, max_steps and tol a layer uses where they are not given
+FORWARD_PRESETS = {"unroll": ORIGINAL_FORWARD, "implicit": DEQ_FORWARD, "phantom": DEQ_FORWARD}
 
 
 def layer_backward(spec: "str | Backward", **flat: Any) -> Backward:
@@ -49,8 +68,11 @@ class SparseReconstruction(nn.Module):
             UnionDictionary or any module returning a DictionaryOperator).
         lam: sparsity weight >= 0 (float, or a tensor broadcastable to the codes).
         learn_lam: make lam a parameter, kept positive through lam = softplus(raw).
-        solver, max_steps, tol, init: the forward solve ("ista", 5 steps, fixed, "encode" follow
-            the original VARS code).
+        solver, max_steps, tol, init: the forward solve. solver, max_steps and tol default to the
+            backward's preset (FORWARD_PRESETS): with "unroll", 5 ISTA steps and no stopping test
+            (the original VARS code); with "implicit" or "phantom", whose gradients assume an
+            equilibrium, FISTA to a relative residual of 1e-3, at most 100 steps (DEQ_FORWARD).
+            ``PRESET`` restores the preset in :meth:`configure`.
         backward: ``vd.Unroll()`` (the original code; "unroll"), ``vd.Implicit(...)`` or
             ``vd.Phantom(...)``, or their names. By name, "implicit" damps the adjoint with
             ``LAYER_ADJOINT_RIDGE``; ``backward_options`` are flat sugar for the backward's fields
@@ -66,9 +88,9 @@ class SparseReconstruction(nn.Module):
         self,
         dictionary: nn.Module,
         lam: float | torch.Tensor = 0.3,
-        solver: str | Solver = "ista",
-        max_steps: int = 5,
-        tol: float | None = None,
+        solver: str | Solver = PRESET,
+        max_steps: int = PRESET,
+        tol: float | None = PRESET,
         backward: str | Backward = "unroll",
         nonneg: bool = False,
         lipschitz: str = "exact",
@@ -93,13 +115,29 @@ class SparseReconstruction(nn.Module):
             # float64, so that lam = 0.3 is 0.3 in a float64 layer (a float32 buffer cast up is 0.30000001)
             self.register_buffer("lam_value", lam_t.clone())
         self.nonneg, self.check_finite = bool(nonneg), bool(check_finite)
-        self.solver, self.max_steps, self.tol = "ista", 5, None
+        self._forward: dict[str, Any] = {}  # solver, max_steps, tol given explicitly
         self.backward: Backward = layer_backward("unroll")
         self.configure(solver=solver, max_steps=max_steps, tol=tol, backward=backward, lipschitz=lipschitz,
                        init=init, lipschitz_margin=lipschitz_margin, **backward_options)
         self.last_stats: dict[str, torch.Tensor] = {}
         #: the latest forward's Solution with detached codes and statistics (no autograd graph kept)
         self.last_solution: Solution | None = None
+
+    def _forward_option(self, name: str) -> Any:
+        return self._forward.get(name, FORWARD_PRESETS[self.backward.name][name])
+
+    @property
+    def solver(self) -> str | Solver:
+        """The forward solver: as given, or the backward's preset (FORWARD_PRESETS)."""
+        return self._forward_option("solver")
+
+    @property
+    def max_steps(self) -> int:
+        return self._forward_option("max_steps")
+
+    @property
+    def tol(self) -> float | None:
+        return self._forward_option("tol")
 
     @property
     def margin(self) -> float:
@@ -122,11 +160,16 @@ class SparseReconstruction(nn.Module):
         unknown = sorted(set(backward_options) - set(FLAT_BACKWARD_KEYS))
         if unknown:
             raise ValueError(f"unknown option(s) {unknown}; valid: {sorted(RUNTIME_OPTIONS)}")
-        if solver is not _KEEP:
-            make_solver(solver)  # validates the name
-        new_steps = self.max_steps if max_steps is _KEEP else max_steps
-        new_tol = self.tol if tol is _KEEP else tol
-        check_loop_args(new_steps, new_tol)
+        forward = dict(self._forward)
+        for name, value in (("solver", solver), ("max_steps", max_steps), ("tol", tol)):
+            if value is PRESET:
+                forward.pop(name, None)
+            elif value is not _KEEP:
+                forward[name] = value
+        new_backward = layer_backward(self.backward if backward is _KEEP else backward, **backward_options)
+        effective = {**FORWARD_PRESETS[new_backward.name], **forward}
+        make_solver(effective["solver"])  # validates the name
+        check_loop_args(effective["max_steps"], effective["tol"])
         if lipschitz is not _KEEP:
             check_lipschitz_mode(lipschitz)
         if lipschitz_margin is not _KEEP and lipschitz_margin is not None and not (
@@ -139,11 +182,8 @@ class SparseReconstruction(nn.Module):
             lam_t = torch.as_tensor(lam, dtype=torch.float64)
             if not bool(torch.isfinite(lam_t).all()) or bool((lam_t < 0).any()):
                 raise ValueError(f"lam must be finite and >= 0, got {lam}")
-        new_backward = layer_backward(self.backward if backward is _KEEP else backward, **backward_options)
         # every option is valid: apply them together
-        if solver is not _KEEP:
-            self.solver = solver
-        self.max_steps, self.tol, self.backward = new_steps, new_tol, new_backward
+        self._forward, self.backward = forward, new_backward
         if lipschitz is not _KEEP:
             self.lipschitz = lipschitz
         if lipschitz_margin is not _KEEP:

@@ -42,7 +42,7 @@ from ..dictionaries import FreeAtoms, PerformerDictionary, UnionDictionary
 from ..dictionaries.conv import STATIC_IMPLS, StaticAtoms
 from ..backward import FLAT_BACKWARD_KEYS, Backward
 from ..solvers import Solver
-from .sparse_reconstruction import SparseReconstruction
+from .sparse_reconstruction import PRESET, SparseReconstruction
 
 __all__ = ["VARSAttention", "DICTIONARY_KINDS", "STATIC_ATOMS", "LAYER_OPTIONS"]
 
@@ -71,6 +71,8 @@ class VARSAttention(nn.Module):
             the sparse coding and its gradient (:class:`SparseReconstruction`); the defaults are the
             original code's: lam 0.3, 5 ISTA steps from the thresholded encode S_lam(D^T v),
             backprop through the unroll, and the step 1/L with L = Gershgorin bound + 1, detached.
+            With ``backward="implicit"`` (or phantom) and solver, max_steps, tol not given, the
+            forward is the DEQ preset (FISTA to residual 1e-3, at most 100 steps) instead.
         static_atoms: "conv" (default; translated templates, any square grid) or "free" (a learned
             (N x M_s) matrix per head, M_s = the number of dynamic features, as in the original
             VARS-SD code; needs ``num_tokens``, the fixed token count N).
@@ -109,9 +111,9 @@ class VARSAttention(nn.Module):
         *,
         dictionary: str = "sd",
         lam: float | torch.Tensor = 0.3,
-        solver: str | Solver = "ista",
-        max_steps: int = 5,
-        tol: float | None = None,
+        solver: str | Solver = PRESET,
+        max_steps: int = PRESET,
+        tol: float | None = PRESET,
         backward: "str | Backward" = "unroll",
         lipschitz: str = "gershgorin",
         nonneg: bool = False,
