@@ -101,9 +101,11 @@ def _why_unreadable(path: Path, error: Exception) -> str:
         return error.strerror or type(error).__name__
     if path.stat().st_size == 0:
         return "the file is empty"
-    if not zipfile.is_zipfile(path):
+    with open(path, "rb") as f:
+        zip_header = f.read(4) == b"PK\x03\x04"  # torch.save writes a zip archive
+    if not zip_header:
         return "not a torch.save archive"
-    if isinstance(error, pickle.UnpicklingError):
+    if zipfile.is_zipfile(path) and isinstance(error, pickle.UnpicklingError):
         return "it holds objects other than tensors and plain values, which are not loaded"
     return "a damaged torch.save archive"
 
