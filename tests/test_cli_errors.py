@@ -130,3 +130,14 @@ def test_threads_default_and_validation(monkeypatch, tmp_path, capsys):
 def test_bad_device_spec(tmp_path, capsys):
     assert cli.main(["maps", "--device", "gpu", "--output", str(tmp_path / "m.png"), "--threads", "1"]) == 2
     assert _error_line(capsys, "maps") == "--device must be one of auto, cpu, cuda, cuda:N, got 'gpu'"
+
+
+def test_train_processes_of_one_machine_share_its_cpus(monkeypatch, tmp_path, capsys):
+    # torchrun starts LOCAL_WORLD_SIZE processes here: each takes its share of the CPUs
+    monkeypatch.setattr(devices, "available_cpus", lambda: 5)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for local_world, expected in (("1", 5), ("2", 2), ("8", 1)):
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local_world)
+        assert cli.main(["train", "--device", "cuda", "--output", str(tmp_path / "run")]) == 2
+        assert torch.get_num_threads() == expected
+        assert "CUDA is not available" in _error_line(capsys, "train")

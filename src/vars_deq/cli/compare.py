@@ -42,8 +42,8 @@ def run(args: argparse.Namespace) -> int:
 
     from tqdm.auto import tqdm
 
-    from ..compare import capture_problems, compare_solvers, format_table, mixed_batch, per_problem_work, \
-        synthetic_problems, target_checks, write_json
+    from ..compare import (capture_problems, compare_solvers, format_table, mixed_batch, per_problem_work,
+                           synthetic_problems, target_checks, write_json)
     from ..data import load_digits_split, load_images, model_input_size
     from ..devices import device_label
     from ..plots import plot_convergence
