@@ -37,10 +37,12 @@ class _Subcommand(argparse.ArgumentParser):
         return self
 
     def parse_known_args(self, args=None, namespace=None):
-        return super(_Subcommand, self.declared()).parse_known_args(args, namespace)
+        self.declared()
+        return super().parse_known_args(args, namespace)
 
     def format_help(self) -> str:
-        return super(_Subcommand, self.declared()).format_help()
+        self.declared()
+        return super().format_help()
 
 
 def build_parser() -> argparse.ArgumentParser:
