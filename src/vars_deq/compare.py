@@ -272,4 +272,5 @@ def target_checks(per_solver: dict[str, Any], tol: float = 1e-4) -> dict[str, An
 
 
 def write_json(obj: Any, path: Path) -> None:
+    """``obj`` as indented JSON (tensor and NumPy scalars as floats)."""
     path.write_text(json.dumps(obj, indent=1, default=float))
