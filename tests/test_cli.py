@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from vars_deq import cli
+from vars_deq.cli import evaluate as cli_evaluate
+from vars_deq.cli import train as cli_train
 from vars_deq.train import load_checkpoint, parse_model_kwargs
 
 TINY = dict(img_size=8, patch_size=4, in_chans=1, num_classes=10, embed_dim=32, depth=1, num_heads=2)
@@ -45,14 +47,14 @@ def test_subcommands_registered():
     parser = cli.build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     assert {"train", "evaluate"} <= set(sub.choices)
-    assert cli.add_train_parser in cli.COMMANDS and cli.add_evaluate_parser in cli.COMMANDS
-    assert parser.parse_args(["train"]).run is cli.run_train
-    assert parser.parse_args(["evaluate", "--checkpoint", "x"]).run is cli.run_evaluate
+    assert cli_train in cli.COMMANDS and cli_evaluate in cli.COMMANDS
+    assert parser.parse_args(["train"]).run is cli_train.run
+    assert parser.parse_args(["evaluate", "--checkpoint", "x"]).run is cli_evaluate.run
 
 
 def test_train_defaults_and_layer_options_parse():
     args = cli.build_parser().parse_args(["train", "--backward", "implicit", "--max-steps", "20", "--tol", "1e-4"])
-    given = cli._train_options(args)
+    given = cli_train.train_options(args)
     # only what the user gave: the model's own solver and lam stay
     assert given == {"layer_options": {"backward": "implicit", "max_steps": 20, "tol": 1e-4}}
     from vars_deq.train import resolve_config

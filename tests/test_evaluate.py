@@ -156,6 +156,16 @@ def test_evaluate_model_results(trained, digits):
     assert "clean accuracy" in table and "gaussian_noise" in table and "mean over families" in table
 
 
+def test_evaluate_progress_ticks_per_evaluation(trained, digits, capsys):
+    # 3 batches x (clean + 2 corruptions x 2 severities + PGD) = 18 ticks, not one per batch
+    evaluate_model(trained, digits[1], corruptions=["contrast", "pixelate"], severities=[1, 5], pgd_eps=0.1,
+                   pgd_steps=1, limit=100, batch_size=40, progress=True)
+    err = capsys.readouterr().err
+    assert "/18 " in err and "/3 " not in err
+    evaluate_model(trained, digits[1], corruptions=[], pgd_eps=None, limit=100, batch_size=40, progress=True)
+    assert "/3 " in capsys.readouterr().err
+
+
 def test_evaluate_model_rejects_bad_arguments(trained, digits):
     with pytest.raises(ValueError, match="unknown corruption"):
         evaluate_model(trained, digits[1], corruptions=["fog"])

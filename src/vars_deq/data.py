@@ -35,6 +35,7 @@ __all__ = [
     "load_digits_split",
     "model_input_size",
     "adapt_images",
+    "load_images",
 ]
 
 DATASETS = ("digits", "imagefolder", "cifar10")
@@ -86,6 +87,37 @@ def adapt_images(x: torch.Tensor, input_size: tuple[int, int, int]) -> torch.Ten
         else:
             raise ValueError(f"cannot convert {x.shape[1]}-channel images to {c} channels")
     return x.clamp(0.0, 1.0).contiguous()
+
+
+def load_images(path: str | os.PathLike, input_size: tuple[int, int, int], limit: int) -> torch.Tensor:
+    """Up to ``limit`` images (N, C, H, W) in [0, 1] from an image file or a folder (searched
+    recursively, in sorted order; files PIL cannot read are skipped), adapted to ``input_size``.
+
+    Raises:
+        ValueError: ``limit`` below 1.
+        DataError: a missing path, or one that holds no readable image.
+    """
+    from PIL import Image
+
+    if limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"image path {str(p)!r} does not exist")
+    files = sorted(f for f in (p.rglob("*") if p.is_dir() else [p]) if f.is_file())
+    images = []
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                arr = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+        except OSError:
+            continue  # not an image: folders may hold other files
+        images.append(adapt_images(torch.from_numpy(arr).permute(2, 0, 1)[None], input_size))
+        if len(images) == limit:
+            break
+    if not images:
+        raise DataError(f"image path {str(p)!r} holds no image that PIL can read")
+    return torch.cat(images)
 
 
 def _stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -50,6 +50,8 @@ def evaluate_model(
         severities: subset of 1..5.
         pgd_eps: L-inf radius in [0, 1] pixel units; None skips the attack.
         limit: evaluate the first ``limit`` examples only.
+        progress: a progress bar that ticks per batch and evaluation (clean, each corruption and
+            severity, PGD).
     """
     corruptions = list(CORRUPTIONS) if corruptions is None else list(corruptions)
     bad = [c for c in corruptions if c not in CORRUPTIONS]
@@ -73,20 +75,28 @@ def evaluate_model(
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     from tqdm.auto import tqdm
 
-    for index, (x, y) in enumerate(tqdm(loader, desc="evaluate", disable=not progress, leave=False)):
-        x, y = x.to(device), y.to(device)
-        total += y.shape[0]
-        with torch.no_grad():
-            counts["clean"] += int((model(x).argmax(-1) == y).sum())
-            for c in corruptions:
-                for s in severities:
-                    xc = corrupt(x, c, s, seed=seed, index=index)
-                    counts[(c, s)] += int((model(xc).argmax(-1) == y).sum())
-        if pgd_eps is not None:
-            x_adv = pgd_attack(model, x, y, pgd_eps, pgd_steps, pgd_step_size,
-                               generator=_generator(seed, "pgd", index))
+    # one tick per model evaluation of a batch: clean, each (corruption, severity), PGD
+    per_batch = 1 + len(corruptions) * len(severities) + (pgd_eps is not None)
+    with tqdm(total=len(loader) * per_batch, desc="evaluate", unit="eval", disable=not progress, leave=False) as bar:
+        for index, (x, y) in enumerate(loader):
+            x, y = x.to(device), y.to(device)
+            total += y.shape[0]
             with torch.no_grad():
-                counts["pgd"] += int((model(x_adv).argmax(-1) == y).sum())
+                counts["clean"] += int((model(x).argmax(-1) == y).sum())
+                bar.update(1)
+                for c in corruptions:
+                    for s in severities:
+                        bar.set_postfix_str(f"{c} {s}", refresh=False)
+                        xc = corrupt(x, c, s, seed=seed, index=index)
+                        counts[(c, s)] += int((model(xc).argmax(-1) == y).sum())
+                        bar.update(1)
+            if pgd_eps is not None:
+                bar.set_postfix_str("PGD", refresh=False)
+                x_adv = pgd_attack(model, x, y, pgd_eps, pgd_steps, pgd_step_size,
+                                   generator=_generator(seed, "pgd", index))
+                with torch.no_grad():
+                    counts["pgd"] += int((model(x_adv).argmax(-1) == y).sum())
+                bar.update(1)
     if total == 0:
         raise ValueError("the evaluation dataset is empty")
 

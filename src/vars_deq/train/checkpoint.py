@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import tempfile
+import zipfile
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -12,11 +15,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .factory import apply_layer_options, create_model
-
 __all__ = [
     "CHECKPOINT_FORMAT",
     "CheckpointError",
+    "default_checkpoint",
     "atomic_write_bytes",
     "save_checkpoint",
     "load_checkpoint",
@@ -33,6 +35,11 @@ _REQUIRED = ("format", "model_name", "model_kwargs", "model", "epoch", "step_in_
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read, is not a vars-deq checkpoint, or belongs to another model."""
+
+
+def default_checkpoint() -> Path:
+    """The VARS-SD digits checkpoint shipped with the package (its recipe lies beside it)."""
+    return Path(str(resources.files("vars_deq") / "assets" / "vars_sd_digits.pt"))
 
 
 def _atomic_replace(path: Path, write) -> None:
@@ -66,21 +73,41 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Read and validate a checkpoint written by :func:`save_checkpoint` (on the CPU).
 
     Loading uses ``weights_only=True``: a checkpoint holds tensors and plain Python values only,
-    so a tampered file cannot run code.
+    so a tampered file cannot run code. A file that is not such a checkpoint is a one-line
+    CheckpointError that names the path and what is wrong with it (torch's own message, which
+    advises unsafe loading, is never passed on).
     """
     p = Path(path)
+    if p.is_dir():
+        raise CheckpointError(f"checkpoint {str(p)!r} is a directory, not a checkpoint file")
     if not p.is_file():
         raise CheckpointError(f"checkpoint {str(p)!r} does not exist")
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a damaged zip/pickle; all mean "unreadable"
-        raise CheckpointError(f"checkpoint {str(p)!r} is corrupt or unreadable: {type(e).__name__}: {e}") from e
+        raise CheckpointError(
+            f"checkpoint {str(p)!r} is not a readable vars_deq checkpoint (corrupt or unreadable: {_why_unreadable(p, e)})"
+        ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{str(p)!r} is not a vars-deq training checkpoint (format {CHECKPOINT_FORMAT})")
     missing = [k for k in _REQUIRED if k not in ckpt]
     if missing:
         raise CheckpointError(f"checkpoint {str(p)!r} is incomplete: missing {missing}")
     return ckpt
+
+
+def _why_unreadable(path: Path, error: Exception) -> str:
+    if isinstance(error, OSError):
+        return error.strerror or type(error).__name__
+    if path.stat().st_size == 0:
+        return "the file is empty"
+    with open(path, "rb") as f:
+        zip_header = f.read(4) == b"PK\x03\x04"  # torch.save writes a zip archive
+    if not zip_header:
+        return "not a torch.save archive"
+    if zipfile.is_zipfile(path) and isinstance(error, pickle.UnpicklingError):
+        return "it holds objects other than tensors and plain values, which are not loaded"
+    return "a damaged torch.save archive"
 
 
 def check_same_model(ckpt: dict[str, Any], name: str, model_kwargs: dict[str, Any], path: str | os.PathLike) -> None:
@@ -111,6 +138,8 @@ def model_from_checkpoint(
     Solver/backward options are module attributes, not weights, so they come from the
     checkpoint's config; ``layer_overrides`` then change any of them.
     """
+    from .factory import apply_layer_options, create_model
+
     ckpt = load_checkpoint(path)
     if expect_model is not None and expect_model != ckpt["model_name"]:
         raise CheckpointError(f"checkpoint {str(path)!r} is from model {ckpt['model_name']!r}, not {expect_model!r}")

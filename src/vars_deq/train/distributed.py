@@ -9,6 +9,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..devices import select_device
+
 __all__ = ["DistInfo", "init_distributed", "shutdown_distributed", "all_reduce_sum", "all_gather_objects"]
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -33,11 +35,10 @@ class DistInfo:
 def _pick_device(device: str, local_rank: int) -> torch.device:
     if device not in DEVICES:
         raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' asked for, but CUDA is not available")
-    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
+    dev = select_device(device)
+    if dev.type == "cuda":
         return torch.device("cuda", local_rank % torch.cuda.device_count())
-    return torch.device("cpu")
+    return dev
 
 
 def init_distributed(device: str = "auto") -> DistInfo:
