@@ -20,7 +20,8 @@ torch.cuda.max_memory_allocated during the steps minus the memory allocated befo
 FLOPs per image: torch.utils.flop_counter.FlopCounterMode on a one-image forward. It counts
 matrix products, convolutions and attention kernels (FLOPs = 2 x multiply-adds; papers quoting
 "1.3 GFLOPs" for DeiT-Tiny count multiply-adds, so GMACs are reported too); FFTs, eigenvalue
-solves and elementwise work are not counted.
+solves and elementwise work are not counted, and timm's attention is counted unfused (the counter has
+no formula for the fused CPU kernel). benchmarks/bench_flops.py covers every registered model.
 
     python benchmarks/bench_models.py                       # CUDA if available, else CPU
     python benchmarks/bench_models.py --device cpu --threads 1 --steps 3 --batch-size 32
@@ -124,7 +125,7 @@ def measure(cfg: dict[str, Any]) -> dict[str, Any]:
     )
     model.eval()
     image = torch.randn(1, 3, cfg["img_size"], cfg["img_size"], device=device)
-    with torch.no_grad():
+    with torch.no_grad(), common.unfused_attention(model):
         flops, _ = common.count_flops(lambda: model(image))
     info.update(gflops_per_image=flops / 1e9, gmacs_per_image=flops / 2e9)
     if hasattr(attn, "last_stats"):

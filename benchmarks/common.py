@@ -5,6 +5,7 @@ per-configuration subprocesses and result files under ``benchmarks/results/<devi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import ctypes.util
 import json
@@ -243,6 +244,22 @@ def counted_ops() -> list[str]:
     from torch.utils.flop_counter import flop_registry
 
     return sorted(str(op) for op in flop_registry)
+
+
+@contextlib.contextmanager
+def unfused_attention(model: torch.nn.Module):
+    """timm attention modules with ``fused_attn`` off while inside: FlopCounterMode has no formula
+    for the CPU kernel of scaled_dot_product_attention (``_scaled_dot_product_flash_attention_for_cpu``),
+    so a fused DeiT forward on CPU counts no attention products; the unfused path's matmuls count."""
+    mods = [m for m in model.modules() if isinstance(getattr(m, "fused_attn", None), bool)]
+    saved = [m.fused_attn for m in mods]
+    for m in mods:
+        m.fused_attn = False
+    try:
+        yield model
+    finally:
+        for m, f in zip(mods, saved):
+            m.fused_attn = f
 
 
 def count_flops(fn: Callable[[], Any]) -> tuple[int, list[str]]:
