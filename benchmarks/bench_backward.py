@@ -32,7 +32,6 @@ Results: <out>/backward.json and backward.png (default out: benchmarks/results/<
 
 from __future__ import annotations
 
-import argparse
 import gc
 import math
 import os
@@ -461,8 +460,7 @@ def print_table(rows) -> None:
 
 
 def parse(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    common.add_common_args(p)
+    p = common.parser(__doc__)
     p.add_argument("--steps", type=int, nargs="+", default=list(DEFAULT_STEPS), help="forward steps to sweep")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per configuration (after one untimed run)")
     p.add_argument("--solvers", nargs="+", default=["ista"], choices=["ista", "anderson"], help="forward solvers")

@@ -24,7 +24,6 @@ Results: <out>/flops.json and flops.png (default out: benchmarks/results/<device
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -87,9 +86,7 @@ def plot(rows: dict[str, dict], path: Path, title: str) -> None:
     counted = [rows[n]["gmacs"] for n in names]
     bars = ax.bar(xs, counted, color=["#777777" if n in TIMM_MODELS else "#dd8452" for n in names],
                   label="counted GMACs (FlopCounterMode FLOPs / 2)")
-    for bar, v in zip(bars, counted):
-        ax.annotate(f"{v:.3g}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
-                    fontsize=7)
+    common.label_bars(ax, bars, [f"{v:.3g}" for v in counted])
     paper = [(i, rows[n]["paper_gflops_as_gmacs"]) for i, n in enumerate(names) if "paper_gflops_as_gmacs" in rows[n]]
     if paper:
         ax.plot([i for i, _ in paper], [v for _, v in paper], "k_", markersize=22, markeredgewidth=2,
@@ -104,8 +101,7 @@ def plot(rows: dict[str, dict], path: Path, title: str) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_common_args(ap)
+    ap = common.parser(__doc__)
     ap.add_argument("--models", nargs="*", default=None, help="timm names (default: see above)")
     args = ap.parse_args(argv)
     device, out = common.setup(args)

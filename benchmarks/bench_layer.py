@@ -28,7 +28,6 @@ Results: <out>/layer.json and layer.png (default out: benchmarks/results/<device
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from pathlib import Path
@@ -111,7 +110,8 @@ def layer_weights(layer: vd.VARSAttention, kind: str, num_tokens: int, gen: torc
         shared = isinstance(static, torch.Tensor) and static.dim() == 3
         H, m = features.projection.shape[:2]
         weights["static"] = static[None] if shared else torch.randn(1, H, num_tokens, m, generator=gen)
-    return {k: t.detach().clone().requires_grad_() for k, t in weights.items()}, shared
+    device = layer.v.weight.device
+    return {k: t.detach().clone().to(device).requires_grad_() for k, t in weights.items()}, shared
 
 
 # -- FLOPs ----------------------------------------------------------------------------------------
@@ -185,7 +185,6 @@ def build_variants(shape: dict, device: torch.device) -> tuple[dict[str, Variant
     for name, kind, source in (("original_d", "d", "ours_d"), ("original_sd", "sd", "ours_sd_free")):
         layer = layers.get(source) or layers["ours_sd"]
         weights, shared = layer_weights(layer, kind, shape["N_sd"], gen)
-        weights = {k: t.to(device).detach().requires_grad_() for k, t in weights.items()}
         notes[name] = {"weights_from": source if source in layers else "ours_sd", "static_atoms_shared": shared}
         variants[name] = Variant(name, lambda x, kind=kind, weights=weights: reference_forward(kind, x, weights),
                                  list(weights.values()), *inputs[kind])
@@ -206,9 +205,7 @@ def plot(rows: dict, ratios: dict, floors: dict, path: Path, title: str) -> None
     colors = ["#777777" if n.startswith("original") else "#dd8452" for n in names]
     ms = [rows[n]["median_s"] * 1e3 for n in names]
     bars = ax_t.bar(names, ms, color=colors)
-    for bar, v in zip(bars, ms):
-        ax_t.annotate(f"{v:.3g}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
-                      fontsize=7)
+    common.label_bars(ax_t, bars, [f"{v:.3g}" for v in ms])
     ax_t.set_ylabel("forward+backward, median (ms)")
     ax_t.set_title("; ".join(f"{k}: {v['ratio']:.2f}x" for k, v in ratios.items()) or "time", fontsize=8)
     ax_t.tick_params(axis="x", labelrotation=25, labelsize=8)
@@ -228,8 +225,7 @@ def plot(rows: dict, ratios: dict, floors: dict, path: Path, title: str) -> None
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_common_args(ap, default_threads=1)
+    ap = common.parser(__doc__, default_threads=1)
     ap.add_argument("--repeats", type=int, default=20, help="timed rounds (after one untimed round)")
     args = ap.parse_args(argv)
     shape = QUICK_SHAPE if args.quick else SHAPE

@@ -33,7 +33,6 @@ Results: <out>/models.json and models.png (default out: benchmarks/results/<devi
 
 from __future__ import annotations
 
-import argparse
 import gc
 import sys
 import time
@@ -160,10 +159,7 @@ def plot(results: dict[str, dict], path: Path, title: str) -> None:
         vals = [results[n][key] for n in names]
         bars = ax.bar(names, vals, color=colors)
         base = results[BASELINE][key] if BASELINE in results else None
-        for bar, v in zip(bars, vals):
-            note = f"{v:.3g}" + (f"\n{v / base:.2f}x" if base else "")
-            ax.annotate(note, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
-                        fontsize=7)
+        common.label_bars(ax, bars, [f"{v:.3g}" + (f"\n{v / base:.2f}x" if base else "") for v in vals])
         ax.set_title(label, fontsize=9)
         ax.tick_params(axis="x", labelrotation=30, labelsize=8)
         ax.set_ylim(0, max(vals) * 1.25)
@@ -172,8 +168,7 @@ def plot(results: dict[str, dict], path: Path, title: str) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_common_args(ap)
+    ap = common.parser(__doc__)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--steps", type=int, default=3, help="timed training steps per model")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps before timing")

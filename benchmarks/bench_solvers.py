@@ -14,9 +14,7 @@ Results: <out>/solvers.json and solvers.png (default out: benchmarks/results/<de
 
 from __future__ import annotations
 
-import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -43,8 +41,7 @@ def make_problem(device, dtype=torch.float32, seed=0, batch=8, heads=3, tokens=1
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_common_args(ap)
+    ap = common.parser(__doc__)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--tol", type=float, default=1e-4)
     ap.add_argument("--max-steps", type=int, default=5000)

@@ -79,6 +79,13 @@ def add_common_args(parser: argparse.ArgumentParser, default_threads: int | None
     parser.add_argument("--quick", action="store_true", help="tiny sizes and one repeat: a smoke run of a few seconds")
 
 
+def parser(doc: str, default_threads: int | None = None) -> argparse.ArgumentParser:
+    """A benchmark's parser: its module docstring as help, and :func:`add_common_args`."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(ap, default_threads)
+    return ap
+
+
 def setup(args: argparse.Namespace) -> tuple[torch.device, Path]:
     """Apply --threads, resolve --device, create the results folder: (device, folder)."""
     if args.threads < 1:
@@ -227,6 +234,12 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def label_bars(ax, bars, notes: list[str]) -> None:
+    """Write each note above its bar."""
+    for bar, note in zip(bars, notes):
+        ax.annotate(note, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=7)
 
 
 def save_figure(fig, path: Path) -> None:
