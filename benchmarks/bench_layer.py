@@ -183,9 +183,9 @@ def build_variants(shape: dict, device: torch.device) -> tuple[dict[str, Variant
         variants[name] = Variant(name, layer, list(layer.parameters()), *inputs[kind])
     notes = {}
     for name, kind, source in (("original_d", "d", "ours_d"), ("original_sd", "sd", "ours_sd_free")):
-        layer = layers.get(source) or layers["ours_sd"]
-        weights, shared = layer_weights(layer, kind, shape["N_sd"], gen)
-        notes[name] = {"weights_from": source if source in layers else "ours_sd", "static_atoms_shared": shared}
+        source = source if source in layers else "ours_sd"
+        weights, shared = layer_weights(layers[source], kind, shape["N_sd"], gen)
+        notes[name] = {"weights_from": source, "static_atoms_shared": shared}
         variants[name] = Variant(name, lambda x, kind=kind, weights=weights: reference_forward(kind, x, weights),
                                  list(weights.values()), *inputs[kind])
     return variants, skipped, notes
