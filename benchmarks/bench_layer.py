@@ -95,16 +95,17 @@ def reference_forward(kind: str, x: torch.Tensor, weights: dict[str, torch.Tenso
     return F.linear(out, weights["proj_weight"], weights["proj_bias"])
 
 
-def layer_weights(layer: vd.VARSAttention, kind: str, num_tokens: int, gen: torch.Generator) -> tuple[dict, bool]:
+def layer_weights(layer: vd.VARSAttention, kind: str, num_tokens: int,
+                  gen: torch.Generator) -> tuple[dict, bool | None]:
     """Leaf copies of ``layer``'s weights in :func:`reference_forward`'s layout, and whether the
-    static atoms are the layer's own (else drawn from ``gen``)."""
+    static atoms are the layer's own (else drawn from ``gen``; None for "d", which has none)."""
     features = next(mod for mod in layer.modules() if isinstance(mod, vd.PerformerDictionary))
     weights = {
         "q_weight": layer.q.weight, "q_bias": layer.q.bias, "v_weight": layer.v.weight, "v_bias": layer.v.bias,
         "proj_weight": layer.proj.weight, "proj_bias": layer.proj.bias,
         "features": features.projection.transpose(-1, -2),
     }
-    shared = True
+    shared = None
     if kind == "sd":
         static = getattr(layer.static_atoms, "weight", None)
         shared = isinstance(static, torch.Tensor) and static.dim() == 3
