@@ -19,19 +19,19 @@ the median forward and backward times:
   backward separately, device-synchronized, plus process CPU time (robust to a busy machine).
 
 It also counts the adjoint work of the implicit backward at convergence (float64, forward to
-relative residual 1e-8): Gram products of adjoint="cg" versus "fixed_point" (and "anderson") to
-reach adjoint_tol=1e-6, read from ``sol.stats.adjoint.steps`` and cross-checked by counting
-calls of the operator's Gram product during ``backward()``.
+relative residual 1e-8): steps (one Gram product each) of adjoint="cg" versus "fixed_point" (and
+"anderson") to reach adjoint_tol=1e-6, read from the public API (``vd.sparse_code(...,
+return_solution=True)``, then ``sol.stats.adjoint`` after ``backward()``), and the error of each
+gradient against the closed form on the support of z*.
 
     python benchmarks/bench_backward.py               # CPU or CUDA, whichever is there
-    python benchmarks/bench_backward.py --quick       # a smoke run
+    python benchmarks/bench_backward.py --quick       # tiny problems: a smoke run of seconds
 
-Results: benchmarks/results/<device>/backward.json and backward.png.
+Results: <out>/backward.json and backward.png (default out: benchmarks/results/<device>/).
 """
 
 from __future__ import annotations
 
-import argparse
 import gc
 import math
 import os
@@ -46,12 +46,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 import vars_deq as vd  # noqa: E402
-from vars_deq.dictionaries.dense import DenseOperator  # noqa: E402
-from vars_deq.prox import active_mask  # noqa: E402
 
 MODES = ("implicit", "unroll", "phantom")
 DEFAULT_STEPS = (5, 20, 30, 50, 100, 200)
 SHAPE = {"B": 8, "H": 3, "N": 196, "C": 64, "head_dim": 64, "M": 128}
+QUICK_SHAPE = {"B": 2, "H": 1, "N": 16, "C": 8, "head_dim": 8, "M": 16}
 LAM = 0.3
 TARGET_MEM_RATIO = 1.05
 TARGET_TIME_RATIO = 0.5
@@ -73,12 +72,18 @@ def make_inputs(shape: dict, device: torch.device, dtype: torch.dtype, seed: int
     return dictionary, q, v, w
 
 
+def backward_options(mode: str, **fields) -> dict:
+    """The keywords that choose and tune the backward, as SparseReconstruction and vd.sparse_code
+    take them: the one place to adapt when the library's backward options change shape."""
+    return {"backward": mode, **fields}
+
+
 def make_layer(dictionary, cfg):
     return vd.SparseReconstruction(
-        dictionary, lam=LAM, solver=cfg["solver"], max_steps=cfg["steps"], tol=None, backward=cfg["mode"],
+        dictionary, lam=LAM, solver=cfg["solver"], max_steps=cfg["steps"], tol=None,
         # short fixed-step forwards are not equilibria; the cost is what is measured here
-        on_unconverged="ignore", phantom_steps=cfg["phantom_steps"], tau=cfg["tau"],
-        adjoint_tol=cfg.get("adjoint_tol", 1e-6),
+        **backward_options(cfg["mode"], on_unconverged="ignore", phantom_steps=cfg["phantom_steps"], tau=cfg["tau"],
+                           adjoint_tol=cfg.get("adjoint_tol", ADJOINT_TOL)),
     )
 
 
@@ -88,7 +93,7 @@ class Case:
     def __init__(self, cfg: dict):
         self.device, self.dtype = torch.device(cfg["device"]), getattr(torch, cfg["dtype"])
         torch.manual_seed(cfg["seed"])
-        self.dictionary, self.q, self.v, self.w = make_inputs(SHAPE, self.device, self.dtype, cfg["seed"])
+        self.dictionary, self.q, self.v, self.w = make_inputs(cfg["shape"], self.device, self.dtype, cfg["seed"])
         self.layer = make_layer(self.dictionary, cfg)
 
     def forward(self) -> torch.Tensor:
@@ -104,8 +109,7 @@ class Case:
 
 
 def set_threads(cfg: dict) -> None:
-    if cfg["threads"]:
-        torch.set_num_threads(cfg["threads"])
+    torch.set_num_threads(cfg["threads"])
 
 
 def measure_memory(cfg: dict) -> dict:
@@ -125,7 +129,7 @@ def measure_memory(cfg: dict) -> dict:
         base = torch.cuda.memory_allocated(case.device) / 2**20
     else:
         # page in the autograd engine, LAPACK and kernels on a tiny problem, so the delta is the configuration's
-        tiny = dict(SHAPE, B=1, N=16)
+        tiny = dict(cfg["shape"], B=1, N=min(16, cfg["shape"]["N"]))
         t_dict, t_q, t_v, t_w = make_inputs(tiny, case.device, case.dtype, cfg["seed"])
         (make_layer(t_dict, dict(cfg, steps=2))(t_v, source=t_q) * t_w).sum().backward()
         del t_dict, t_q, t_v, t_w
@@ -192,68 +196,35 @@ def measure_time(cfg: dict) -> dict:
 # -- adjoint work at convergence ----------------------------------------------------------------
 
 
-class GramCounter:
-    """Counts DenseOperator.normal calls (batched Gram products G z over all P problems) while active."""
+def exact_gradients(dictionary, q, v, wz, zstar, support):
+    """Gradients of <wz, z*> with respect to q and v on the stable support S of z* (a reference
+    independent of every adjoint solver): the lasso optimality conditions on S give
 
-    def __enter__(self):
-        self.calls, self._orig = 0, DenseOperator.normal
-        counter = self
+        z*_S = G_SS^{-1} (D_S^T v - lam sign(z*_S)),   z* = 0 off S,   G = D^T D,
 
-        def normal(op, z):
-            counter.calls += 1
-            return counter._orig(op, z)
-
-        DenseOperator.normal = normal
-        return self
-
-    def __exit__(self, *exc):
-        DenseOperator.normal = self._orig
-
-
-def capture_adjoint(z: torch.Tensor) -> dict:
-    """After backward, ``store["u"]`` is the adjoint u that the implicit node hands to autograd (the
-    gradient with respect to its first input, the differentiable application of T)."""
-    node = z.grad_fn
-    while node is not None and "ImplicitLasso" not in node.name():
-        node = node.next_functions[0][0]
-    if node is None:
-        raise RuntimeError("no implicit backward node behind z")
-    store: dict = {}
-
-    def keep(grad_inputs, grad_outputs):
-        store["u"] = grad_inputs[0]
-
-    node.register_hook(keep)
-    return store
+    per problem and code column, and autograd differentiates that closed form (a batched dense
+    solve with the off-support rows set to the identity)."""
+    D = dictionary.atoms(q)  # (B, H, N, M)
+    G = D.transpose(-1, -2) @ D
+    b = D.transpose(-1, -2) @ v  # (B, H, M, C)
+    m = support.to(D.dtype).transpose(-1, -2).unsqueeze(-1)  # (B, H, C, M, 1)
+    A = m * G.unsqueeze(-3) * m.transpose(-1, -2) + torch.diag_embed(1 - m.squeeze(-1))
+    rhs = m.squeeze(-1) * (b - LAM * torch.sign(zstar)).transpose(-1, -2)
+    z = torch.linalg.solve(A, rhs).transpose(-1, -2)  # (B, H, M, C)
+    return torch.autograd.grad((z * wz).sum(), (q, v))
 
 
-def active_set(flat, zs):
-    with torch.no_grad():
-        pre = zs - flat.eta * (flat.op.normal(zs) - flat.b)
-        return active_mask(pre, flat.eta * flat.lam, flat.nonneg).to(zs.dtype)
-
-
-def system_residual(flat, mask, g, u):
-    """max over (problem, column) of ||eta G_SS u_S - g_S|| / ||g_S||: one yardstick for every
-    adjoint (CG reports exactly this; the fixed-point loop reports ||T(u) - u|| / ||u||)."""
-    with torch.no_grad():
-        r = mask * (flat.eta * flat.op.normal(mask * u) - g)
-        rel = r.norm(dim=-2) / (mask * g).norm(dim=-2).clamp_min(1e-300)
-        return rel.amax(-1)
-
-
-def spectral_prediction(flat, mask, tol):
+def spectral_prediction(G, eta, support, tol):
     """Iterations the adjoint solves need on the support S of each code column, from the spectrum
     of eta G_SS (its eigenvalues lie in (0, 1]):
 
     fixed point u <- g + (I - eta G_SS) u contracts the error by rho = 1 - eta lambda_min each step,
     so it needs ln(tol) / ln(rho) steps; CG needs at most sqrt(kappa)/2 ln(2/tol) (kappa the
-    condition number of G_SS), the classical bound.
+    condition number of G_SS), the classical bound. G (P, M, M), eta (P,), support (P, M, C).
     """
     with torch.no_grad():
-        G = flat.eta * flat.op.gram  # (P, M, M); the dense Performer operator keeps its Gram
-        P, M, C = mask.shape
-        m = mask.transpose(1, 2).reshape(P, C, M, 1)
+        G = eta[:, None, None] * G
+        m = support.to(G.dtype).transpose(1, 2).unsqueeze(-1)  # (P, C, M, 1)
         on = m.squeeze(-1)
         # off the support put trace(G_SS)/|S| (the mean eigenvalue, inside G_SS's spectrum) on the
         # diagonal, so the extreme eigenvalues of A are those of G_SS
@@ -273,11 +244,18 @@ def spectral_prediction(flat, mask, tol):
         }
 
 
+def relative_error(got, ref) -> float:
+    return ((got - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+
+
 def adjoint_study(args, device: torch.device) -> dict:
-    dtype = torch.float64
-    dictionary, q, v, _ = make_inputs(SHAPE, device, dtype, args.seed)
+    """Adjoint solves at a converged float64 forward, read from the public API only:
+    ``vd.sparse_code(..., return_solution=True)`` and, after ``backward()``, ``sol.stats.adjoint``;
+    the gradients are checked against :func:`exact_gradients`."""
+    dtype, shape = torch.float64, args.shape
+    dictionary, q, v, _ = make_inputs(shape, device, dtype, args.seed)
     gen = torch.Generator().manual_seed(args.seed + 1)
-    B, H, M, C = SHAPE["B"], SHAPE["H"], SHAPE["M"], SHAPE["C"]
+    B, H, M, C = shape["B"], shape["H"], shape["M"], shape["C"]
     wz = torch.randn(B, H, M, C, generator=gen).to(device, dtype)  # cotangent on the codes
 
     def problem():
@@ -290,6 +268,13 @@ def adjoint_study(args, device: torch.device) -> dict:
     if not bool(ref.converged.all()):
         raise RuntimeError(f"forward did not reach 1e-8 in {args.adjoint_forward_steps} steps; raise --adjoint-forward-steps")
     zstar = ref.z.detach()
+    with torch.no_grad():
+        support = problem().support(zstar)
+    exact_q, exact_v = exact_gradients(dictionary, q, v, wz, zstar, support)
+    with torch.no_grad():
+        D = dictionary.atoms(q).reshape(-1, shape["N"], M)
+        G = D.transpose(-1, -2) @ D
+        eta = 1 / torch.linalg.eigvalsh(G)[:, -1]  # the "exact" step bound, L = ||D||_2^2
     out = {
         "dtype": "float64",
         "forward": {"solver": args.adjoint_forward, "tol": 1e-8, "steps_mean": ref.stats.steps.float().mean().item(),
@@ -297,40 +282,26 @@ def adjoint_study(args, device: torch.device) -> dict:
                     "seconds": forward_s},
         "adjoint_tol": ADJOINT_TOL,
         "adjoint_max_steps": args.adjoint_max_steps,
-        "products_per_step": {
-            "cg": "1: conjugate_gradient calls apply_A(p) once per iteration, apply_A(v) = mask*normal(mask*v) + (1-mask)*v",
-            "fixed_point": "1: ISTA on MapBatch(adjoint_map) evaluates the map once per step; "
-                           "adjoint_map(u) = g + M u - eta*normal(M u)",
-            "anderson": "1: Anderson on a generic MapBatch evaluates T once per step (residual safeguard, no Gram of its own)",
-            "shared": "+1 for every method: _lasso_adjoint forms normal(z*) once to find the active set",
-            "counted": "gram_calls_counted = DenseOperator.normal calls during backward(): 1 + the loop's batched "
-                       "iterations. It can exceed 1 + steps_max for CG: converged problems stay in the batch and CG's "
-                       "residual is not monotone, so a problem can drop below tol and rise above it again; its "
-                       "steps then miss the iterations in between",
-        },
+        "products_per_step": "1 batched Gram product per adjoint step for cg, fixed_point and anderson, plus 1 shared "
+                             "product to find the active set, so sol.stats.adjoint.steps counts the work",
+        "gradient_reference": "closed form z*_S = G_SS^-1 (D_S^T v - lam sign z*_S) on the support of z*, "
+                              "differentiated by autograd (exact_gradients)",
         "methods": {},
     }
     for method in args.adjoints:
         prob = problem()
         # warm start at z*: the forward confirms the equilibrium and the implicit backward attaches there
-        z, sol = vd.sparse_code(prob, solver=args.adjoint_forward, backward="implicit", max_steps=10, tol=1e-8,
-                                z0=zstar, adjoint=method, adjoint_tol=ADJOINT_TOL,
-                                adjoint_max_steps=args.adjoint_max_steps, on_unconverged="error", return_solution=True)
-        loss = (z * wz).sum()
-        captured = capture_adjoint(z)
+        z, sol = vd.sparse_code(prob, solver=args.adjoint_forward, max_steps=10, tol=1e-8, z0=zstar,
+                                return_solution=True,
+                                **backward_options("implicit", adjoint=method, adjoint_tol=ADJOINT_TOL,
+                                                   adjoint_max_steps=args.adjoint_max_steps, on_unconverged="error"))
         q.grad = v.grad = None
-        with warnings.catch_warnings(record=True) as caught, GramCounter() as counter:
+        with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", vd.ConvergenceWarning)
-            t0 = time.perf_counter()
-            loss.backward()
-            common.sync(device)
-            seconds = time.perf_counter() - t0
+            _, seconds = common.timed((z * wz).sum().backward, device)
         adj = sol.stats.adjoint
-        flat = prob.flat()
-        zs = sol.z.detach().reshape(flat.b.shape)
-        g = wz.reshape(flat.b.shape)
-        mask = active_set(flat, zs)
         out["methods"][method] = {
+            "method": adj.method,
             "steps_mean": adj.steps.float().mean().item(),
             "steps_max": int(adj.steps.max()),
             "own_residual_max": adj.residual.max().item(),
@@ -338,15 +309,13 @@ def adjoint_study(args, device: torch.device) -> dict:
                                         else "||T(u) - u|| / ||u|| over the whole code (the solve loop's residual)"),
             "converged": bool(adj.converged.all()),
             "converged_fraction": adj.converged.float().mean().item(),
-            "gram_calls_counted": counter.calls,
-            "system_residual_max": system_residual(flat, mask, g, captured["u"]).max().item(),
+            "grad_q_rel_error": relative_error(q.grad, exact_q),
+            "grad_v_rel_error": relative_error(v.grad, exact_v),
             "backward_s": seconds,
             "warnings": [str(w.message) for w in caught],
-            "grads_reach_queries_and_values": all(t.grad is not None and bool(torch.isfinite(t.grad).all())
-                                                  for t in (q, v)),
         }
-    out["support_fraction"] = mask.mean().item()
-    out["spectrum"] = spectral_prediction(flat, mask, ADJOINT_TOL)
+    out["support_fraction"] = support.double().mean().item()
+    out["spectrum"] = spectral_prediction(G, eta, support.reshape(-1, M, C), ADJOINT_TOL)
     return out
 
 
@@ -356,7 +325,7 @@ def adjoint_study(args, device: torch.device) -> dict:
 def config(args, device, mode, solver, steps, **extra):
     return {"mode": mode, "solver": solver, "steps": steps, "device": str(device), "dtype": "float32",
             "repeats": args.repeats, "seed": args.seed, "phantom_steps": args.phantom_steps, "tau": args.tau,
-            "threads": args.threads, "malloc_default": args.malloc_default, **extra}
+            "threads": args.threads, "malloc_default": args.malloc_default, "shape": args.shape, **extra}
 
 
 def memory_of(cfg, device) -> dict:
@@ -382,7 +351,7 @@ def sweep(args, device: torch.device) -> tuple[list[dict], list[dict]]:
               f"+{r['peak_delta_mib']:7.1f} above baseline  [{time.perf_counter() - t0:.1f} s]", flush=True)
     print(f"time (median of {args.repeats}):")
     # the time target at adjoint_tol 1e-6 is a choice: also show what looser adjoint solves cost
-    variants = [describe(config(args, device, "implicit", solver, TIME_STEPS, adjoint_tol=t))
+    variants = [describe(config(args, device, "implicit", solver, args.time_steps, adjoint_tol=t))
                 for solver in args.solvers for t in args.variant_adjoint_tols]
     for row in rows + variants:
         t0 = time.perf_counter()
@@ -405,7 +374,7 @@ def find(rows, solver, mode, steps):
     return None
 
 
-def targets(rows, adj, steps) -> list[dict]:
+def targets(rows, adj, steps, time_steps) -> list[dict]:
     checks = []
     lo, hi = min(steps), max(steps)
     for solver in sorted({r["solver"] for r in rows}):
@@ -418,11 +387,11 @@ def targets(rows, adj, steps) -> list[dict]:
                             f"(totals {b['peak_mib']:.1f} / {a['peak_mib']:.1f} MiB = {b['peak_mib'] / a['peak_mib']:.3f}x)",
                 "value": ratio, "passed": ratio <= TARGET_MEM_RATIO,
             })
-        a, b = find(rows, solver, "implicit", TIME_STEPS), find(rows, solver, "unroll", TIME_STEPS)
+        a, b = find(rows, solver, "implicit", time_steps), find(rows, solver, "unroll", time_steps)
         if a and b:
             ratio = a["backward_s"] / b["backward_s"]
             checks.append({
-                "target": f"implicit backward time <= {TARGET_TIME_RATIO}x unrolled at {TIME_STEPS} steps ({solver}, "
+                "target": f"implicit backward time <= {TARGET_TIME_RATIO}x unrolled at {time_steps} steps ({solver}, "
                           f"adjoint_tol {ADJOINT_TOL:g})",
                 "measured": f"{a['backward_s'] * 1e3:.1f} / {b['backward_s'] * 1e3:.1f} ms = {ratio:.3f}x "
                             f"(CG {a['adjoint']['steps_max']} steps; CPU time ratio "
@@ -431,26 +400,21 @@ def targets(rows, adj, steps) -> list[dict]:
             })
     if adj and {"cg", "fixed_point"} <= set(adj["methods"]):
         cg, fp = adj["methods"]["cg"], adj["methods"]["fixed_point"]
-        fp_count = (f"{fp['gram_calls_counted'] - 1}" if fp["converged"]
-                    else f"> {fp['gram_calls_counted'] - 1} (capped, system residual {fp['system_residual_max']:.1e})")
+        fp_count = (f"{fp['steps_max']}" if fp["converged"]
+                    else f"> {fp['steps_max']} (capped, gradient error {fp['grad_q_rel_error']:.1e})")
         checks.append({
             "target": f"CG adjoint reaches {ADJOINT_TOL:g} in fewer Gram products than the fixed-point adjoint",
-            "measured": f"cg {cg['gram_calls_counted'] - 1} batched products (per problem mean {cg['steps_mean']:.1f}, "
-                        f"max {cg['steps_max']}) vs fixed_point {fp_count} (per problem mean {fp['steps_mean']:.1f}); "
+            "measured": f"cg {cg['steps_max']} steps (per problem mean {cg['steps_mean']:.1f}) vs fixed_point "
+                        f"{fp_count} (per problem mean {fp['steps_mean']:.1f}); one Gram product per step, "
                         f"+1 shared product each",
-            "value": (cg["gram_calls_counted"] - 1) / (fp["gram_calls_counted"] - 1),
-            "passed": cg["converged"] and cg["gram_calls_counted"] < fp["gram_calls_counted"]
-                      and cg["steps_mean"] < fp["steps_mean"],
+            "value": cg["steps_max"] / fp["steps_max"],
+            "passed": cg["converged"] and cg["steps_max"] < fp["steps_max"] and cg["steps_mean"] < fp["steps_mean"],
         })
     return checks
 
 
 def plot(rows, variants, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = common.pyplot()
     fig, (ax_m, ax_t) = plt.subplots(1, 2, figsize=(11, 4.6))
     colors = {"implicit": "tab:blue", "unroll": "tab:red", "phantom": "tab:green"}
     styles = {"ista": "-", "anderson": "--"}
@@ -478,9 +442,8 @@ def plot(rows, variants, path: Path, title: str) -> None:
     handles, labels = ax_t.get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), fontsize=8, frameon=False)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    fig.subplots_adjust(bottom=0.2)
+    common.save_figure(fig, path)
 
 
 def print_table(rows) -> None:
@@ -497,18 +460,16 @@ def print_table(rows) -> None:
 
 
 def parse(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
+    p = common.parser(__doc__)
     p.add_argument("--steps", type=int, nargs="+", default=list(DEFAULT_STEPS), help="forward steps to sweep")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per configuration (after one untimed run)")
-    # one thread by default: on a machine shared with other jobs, OpenMP threads waiting for each other
-    # dominate small kernels (an elementwise op on one code tensor went from 0.3 ms to 79 ms with 2 threads)
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
     p.add_argument("--solvers", nargs="+", default=["ista"], choices=["ista", "anderson"], help="forward solvers")
     p.add_argument("--phantom-steps", type=int, default=1, help="k of the phantom gradient (1: Jacobian-free)")
     p.add_argument("--tau", type=float, default=1.0, help="damping of the phantom gradient")
     p.add_argument("--variant-adjoint-tols", type=float, nargs="*", default=[1e-4, 1e-3],
-                   help=f"extra implicit runs at {TIME_STEPS} steps with these CG tolerances (informational)")
+                   help="extra implicit runs at --time-steps with these CG tolerances (informational)")
+    p.add_argument("--time-steps", type=int, default=TIME_STEPS,
+                   help="forward steps of the implicit-vs-unrolled backward time target")
     p.add_argument("--adjoints", nargs="+", default=["cg", "fixed_point", "anderson"], choices=list(vd.ADJOINTS))
     p.add_argument("--adjoint-max-steps", type=int, default=1000, help="cap of the converged adjoint solves")
     p.add_argument("--adjoint-forward", default="anderson", help="forward solver for the converged adjoint study")
@@ -516,36 +477,34 @@ def parse(argv=None):
     p.add_argument("--malloc-default", action="store_true",
                    help="CPU: measure RSS with glibc's default (dynamic) mmap threshold instead of a fixed 64 KiB one")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true",
-                   help=f"steps 5 {TIME_STEPS} 200, one repeat, CG and fixed-point adjoints capped at 300")
     args = p.parse_args(argv)
-    if args.quick:
-        args.steps, args.repeats, args.adjoints = [5, TIME_STEPS, 200], 1, ["cg", "fixed_point"]
+    args.shape = QUICK_SHAPE if args.quick else SHAPE
+    if args.quick:  # problems of QUICK_SHAPE, steps 2 and 5, one repeat, CG and fixed-point adjoints
+        args.steps, args.time_steps, args.repeats, args.adjoints = [2, 5], 5, 1, ["cg", "fixed_point"]
         args.adjoint_max_steps, args.variant_adjoint_tols = 300, []
-    if args.repeats < 1 or min(args.steps) < 1 or args.threads < 0:
-        p.error("--repeats and --steps must be >= 1, --threads >= 0")
+    if args.repeats < 1 or min(args.steps) < 1 or args.threads < 1:
+        p.error("--repeats, --steps and --threads must be >= 1")
     args.steps = sorted(set(args.steps))
     return args
 
 
 def main(argv=None) -> None:
     args = parse(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = common.pick_device(args.device)
-    out_dir = common.results_dir(device)
-    print(f"device: {common.device_label(device)}; problems {SHAPE}, lam={LAM}, float32, tol=None")
+    device, out_dir = common.setup(args)
+    shape = args.shape
+    print(f"device: {common.device_label(device)}; problems {shape}, lam={LAM}, float32, tol=None")
     load_before = os.getloadavg()
     t0 = time.perf_counter()
     rows, variants = sweep(args, device)
     print("adjoint work at convergence (float64) ...", flush=True)
     adj = adjoint_study(args, device)
-    checks = targets(rows, adj, args.steps)
+    checks = targets(rows, adj, args.steps, args.time_steps)
     result = {
         "benchmark": "backward",
         "command": " ".join(["python", "benchmarks/bench_backward.py", *(argv if argv is not None else sys.argv[1:])]),
+        "quick": args.quick,
         "environment": {**common.environment(device), "loadavg_1min_before_after": [load_before[0], os.getloadavg()[0]]},
-        "setup": {**SHAPE, "lam": LAM, "dtype": "float32", "tol": None, "repeats": args.repeats,
+        "setup": {**shape, "lam": LAM, "dtype": "float32", "tol": None, "repeats": args.repeats,
                   "phantom_steps": args.phantom_steps, "tau": args.tau, "adjoint": f"cg, adjoint_tol {ADJOINT_TOL:g}",
                   "loss": "<w, SparseReconstruction(v, source=q)>, q and v require grad",
                   "memory": ("peak RSS in a fresh (forked) process per configuration: VmHWM of /proc/self/status, "
@@ -568,7 +527,7 @@ def main(argv=None) -> None:
     }
     common.write_json(out_dir / "backward.json", result)
     plot(rows, variants, out_dir / "backward.png",
-         f"VARS-shaped lasso (B={SHAPE['B']}, H={SHAPE['H']}, N={SHAPE['N']}, C={SHAPE['C']}, M={SHAPE['M']}, "
+         f"VARS-shaped lasso (B={shape['B']}, H={shape['H']}, N={shape['N']}, C={shape['C']}, M={shape['M']}, "
          f"float32) on {common.device_label(device)}")
     print()
     print_table(rows + variants)
@@ -578,8 +537,8 @@ def main(argv=None) -> None:
           f"{adj['forward']['steps_max']} steps of {adj['forward']['solver']}, cap {adj['adjoint_max_steps']}):")
     for name, m in adj["methods"].items():
         print(f"  {name:11s} steps mean {m['steps_mean']:7.1f} max {m['steps_max']:5d}  own residual "
-              f"{m['own_residual_max']:.1e}  system residual {m['system_residual_max']:.1e}  "
-              f"Gram calls {m['gram_calls_counted']}  backward {m['backward_s'] * 1e3:.0f} ms")
+              f"{m['own_residual_max']:.1e}  gradient error q {m['grad_q_rel_error']:.1e} v "
+              f"{m['grad_v_rel_error']:.1e}  backward {m['backward_s'] * 1e3:.0f} ms")
     print(f"  spectrum of eta G_SS per column: lambda_min median {spec['eta_lambda_min_SS']['median']:.1e}, "
           f"min {spec['eta_lambda_min_SS']['min']:.1e}; kappa median {spec['kappa_SS']['median']:.0f}, "
           f"max {spec['kappa_SS']['max']:.0f}")

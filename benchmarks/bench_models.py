@@ -20,18 +20,19 @@ torch.cuda.max_memory_allocated during the steps minus the memory allocated befo
 FLOPs per image: torch.utils.flop_counter.FlopCounterMode on a one-image forward. It counts
 matrix products, convolutions and attention kernels (FLOPs = 2 x multiply-adds; papers quoting
 "1.3 GFLOPs" for DeiT-Tiny count multiply-adds, so GMACs are reported too); FFTs, eigenvalue
-solves and elementwise work are not counted.
+solves and elementwise work are not counted, and timm's attention is counted unfused (the counter has
+no formula for the fused CPU kernel). benchmarks/bench_flops.py covers every registered model.
 
     python benchmarks/bench_models.py                       # CUDA if available, else CPU
     python benchmarks/bench_models.py --device cpu --threads 1 --steps 3 --batch-size 32
     python benchmarks/bench_models.py --vars-kwargs lipschitz=gershgorin --name models_gershgorin
+    python benchmarks/bench_models.py --quick       # deit and vars_sd, 64 x 64 images, batch 2, one step
 
-Results: benchmarks/results/<device>/models.json and models.png; a table on stdout.
+Results: <out>/models.json and models.png (default out: benchmarks/results/<device>/); a table on stdout.
 """
 
 from __future__ import annotations
 
-import argparse
 import gc
 import sys
 import time
@@ -55,6 +56,7 @@ MODELS = {
     "vars_sd": "vars_sd_deit_tiny_patch16_224",
 }
 BASELINE = "deit"
+QUICK_MODELS = (BASELINE, "vars_sd")
 TARGET = ("vars_sd", 0.7)  # VARS-SD reaches >= 0.7x DeiT-Tiny's training throughput
 MMAP_THRESHOLD = 65536
 
@@ -75,16 +77,6 @@ def train_step(model, opt, x, y) -> None:
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
-
-
-def flops_per_image(model, img_size: int, device: torch.device) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    x = torch.randn(1, 3, img_size, img_size, device=device)
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        model(x)
-    return float(counter.get_total_flops())
 
 
 def measure(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -131,7 +123,9 @@ def measure(cfg: dict[str, Any]) -> dict[str, Any]:
         images_per_cpu_s=cfg["batch"] / common.median(cpu),
     )
     model.eval()
-    flops = flops_per_image(model, cfg["img_size"], device)
+    image = torch.randn(1, 3, cfg["img_size"], cfg["img_size"], device=device)
+    with torch.no_grad(), common.unfused_attention(model):
+        flops, _ = common.count_flops(lambda: model(image))
     info.update(gflops_per_image=flops / 1e9, gmacs_per_image=flops / 2e9)
     if hasattr(attn, "last_stats"):
         info["solver"] = {"steps": float(attn.last_stats["steps"]), "backward": attn.vars.backward,
@@ -150,11 +144,7 @@ def _parse_value(text: str) -> Any:
 
 
 def plot(results: dict[str, dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = common.pyplot()
     names = list(results)
     panels = [
         ("images_per_s", "training images / s (wall)"),
@@ -169,28 +159,22 @@ def plot(results: dict[str, dict], path: Path, title: str) -> None:
         vals = [results[n][key] for n in names]
         bars = ax.bar(names, vals, color=colors)
         base = results[BASELINE][key] if BASELINE in results else None
-        for bar, v in zip(bars, vals):
-            note = f"{v:.3g}" + (f"\n{v / base:.2f}x" if base else "")
-            ax.annotate(note, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
-                        fontsize=7)
+        common.label_bars(ax, bars, [f"{v:.3g}" + (f"\n{v / base:.2f}x" if base else "") for v in vals])
         ax.set_title(label, fontsize=9)
         ax.tick_params(axis="x", labelrotation=30, labelsize=8)
         ax.set_ylim(0, max(vals) * 1.25)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda")
+    ap = common.parser(__doc__)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--steps", type=int, default=3, help="timed training steps per model")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps before timing")
     ap.add_argument("--img-size", type=int, default=224)
-    ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU intra-op threads")
-    ap.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
+    ap.add_argument("--models", nargs="*", default=None, choices=list(MODELS),
+                    help=f"default all; --quick: {' '.join(QUICK_MODELS)}")
     ap.add_argument("--vars-kwargs", nargs="*", default=[], metavar="KEY=VALUE",
                     help="create_model keywords for the VARS models, e.g. lipschitz=gershgorin max_steps=3")
     ap.add_argument("--name", default="models", help="result file stem (models -> models.json, models.png)")
@@ -201,11 +185,14 @@ def main(argv=None) -> int:
         if not sep:
             ap.error(f"--vars-kwargs takes KEY=VALUE, got {item!r}")
         vars_kwargs[key] = _parse_value(value)
+    if args.models is None:
+        args.models = list(QUICK_MODELS if args.quick else MODELS)
+    if args.quick:
+        args.batch_size, args.steps, args.warmup, args.img_size = 2, 1, 0, 64
     if args.batch_size < 1 or args.steps < 1 or args.warmup < 0 or args.threads < 1:
         ap.error("--batch-size, --steps and --threads must be >= 1, --warmup >= 0")
-    device = common.pick_device(args.device)
+    device, out = common.setup(args)
     if device.type == "cpu":
-        torch.set_num_threads(args.threads)
         common.fixed_mmap_threshold(MMAP_THRESHOLD)
 
     results: dict[str, dict] = {}
@@ -232,7 +219,9 @@ def main(argv=None) -> int:
             }
     target_name, target = TARGET
     summary = {
-        "config": {**vars(args), "models": args.models, "device": str(device)},
+        "benchmark": "models",
+        "quick": args.quick,
+        "config": {**vars(args), "out": str(out), "models": args.models, "device": str(device)},
         "environment": common.environment(device),
         "results": results,
         "ratios_vs_deit": ratios,
@@ -242,7 +231,6 @@ def main(argv=None) -> int:
             "met": None if target_name not in ratios else ratios[target_name]["throughput"] >= target,
         },
     }
-    out = common.results_dir(device)
     common.write_json(out / f"{args.name}.json", summary)
     label = common.device_label(device)
     extra = f", VARS {vars_kwargs}" if vars_kwargs else ""

@@ -6,25 +6,31 @@ iterations, wall time (median of repeats, all solvers interleaved in one run), f
 and the final energy gap to a float64 reference; writes JSON and a convergence plot (energy gap
 against iteration, log scale).
 
-    python benchmarks/bench_solvers.py [--device cpu|cuda] [--repeats 5] [--threads 1]
+    python benchmarks/bench_solvers.py [--device cpu|cuda] [--repeats 5] [--threads 1] [--out DIR]
+    python benchmarks/bench_solvers.py --quick      # 2 problems of N=16, M=16: a smoke run
+
+Results: <out>/solvers.json and solvers.png (default out: benchmarks/results/<device>/).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import statistics
-import time
+import sys
 from pathlib import Path
 
 import torch
 
-import vars_deq as vd
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+import vars_deq as vd  # noqa: E402
 
 SOLVERS = ["ista", "fista", "mfista", "fista_restart", "anderson", "anderson_residual", "anderson_plain"]
+SHAPE = {"batch": 8, "heads": 3, "tokens": 196, "head_dim": 64}
+QUICK_SHAPE = {"batch": 2, "heads": 1, "tokens": 16, "head_dim": 8}
+LAM = 0.3
 
 
-def make_problem(device, dtype=torch.float32, seed=0, batch=8, heads=3, tokens=196, head_dim=64, lam=0.3):
+def make_problem(device, dtype=torch.float32, seed=0, batch=8, heads=3, tokens=196, head_dim=64, lam=LAM):
     gen = torch.Generator().manual_seed(seed)
     # queries with a shared low-rank component: tokens of an image are correlated, as in a ViT
     base = torch.randn(batch, 1, tokens, 8, generator=gen) @ torch.randn(8, head_dim, generator=gen)
@@ -35,24 +41,18 @@ def make_problem(device, dtype=torch.float32, seed=0, batch=8, heads=3, tokens=1
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap = common.parser(__doc__)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: leave as is)")
     ap.add_argument("--tol", type=float, default=1e-4)
     ap.add_argument("--max-steps", type=int, default=5000)
-    ap.add_argument("--out", default=None, help="results folder (default benchmarks/results/<device>)")
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    from common import device_label, results_dir, sync
+    shape = QUICK_SHAPE if args.quick else SHAPE
+    if args.quick:
+        args.repeats = 1
+    device, out = common.setup(args)
 
-    out = Path(args.out) if args.out else results_dir(device)
-    out.mkdir(parents=True, exist_ok=True)
-
-    prob = make_problem(device)
-    ref = vd.solve(make_problem(device, torch.float64), "fista_restart", max_steps=20000, tol=1e-12)
+    prob = make_problem(device, **shape)
+    ref = vd.solve(make_problem(device, torch.float64, **shape), "fista_restart", max_steps=20000, tol=1e-12)
     e_star = ref.stats.energy.to(torch.float64)
 
     rows, traces, times = {}, {}, {s: [] for s in SOLVERS}
@@ -69,13 +69,10 @@ def main(argv=None):
         }
     for _ in range(args.repeats):  # untraced, interleaved timing
         for name in SOLVERS:
-            sync(device)
-            t0 = time.perf_counter()
-            vd.solve(prob, name, max_steps=args.max_steps, tol=args.tol)
-            sync(device)
-            times[name].append(time.perf_counter() - t0)
+            _, seconds = common.timed(lambda: vd.solve(prob, name, max_steps=args.max_steps, tol=args.tol), device)
+            times[name].append(seconds)
     for name in SOLVERS:
-        rows[name]["seconds_median"] = statistics.median(times[name])
+        rows[name]["seconds_median"] = common.median(times[name])
 
     ista = rows["ista"]
     targets = {
@@ -85,16 +82,22 @@ def main(argv=None):
         "anderson_all_converged": rows["anderson"]["converged_fraction"] == 1.0,
         "targets": "fista <= 0.5x ista iterations; anderson <= 0.35x iterations, <= 0.6x time, all converged",
     }
+    problem = {"N": shape["tokens"], "M": 2 * shape["head_dim"], "C": shape["head_dim"],
+               "problems": shape["batch"] * shape["heads"], "lam": LAM, "tol": args.tol, "dictionary": "performer"}
     result = {
-        "device": device_label(device),
-        "problem": {"N": 196, "M": 128, "C": 64, "problems": 24, "lam": 0.3, "tol": args.tol, "dictionary": "performer"},
+        "benchmark": "solvers",
+        "quick": args.quick,
+        "environment": common.environment(device),
+        "device": common.device_label(device),
+        "problem": problem,
         "threads": torch.get_num_threads(),
+        "repeats": args.repeats,
         "solvers": rows,
         "ratios": targets,
         "log10_rel_energy_gap_trace": traces,
     }
-    (out / "solvers.json").write_text(json.dumps(result, indent=1))
-    plot(traces, out / "solvers.png", result["device"])
+    common.write_json(out / "solvers.json", result)
+    plot(traces, out / "solvers.png", result["device"], problem)
 
     print(f"device {result['device']}, threads {result['threads']}")
     print(f"{'solver':20s} {'iters':>8s} {'max':>6s} {'conv':>5s} {'time s':>8s} {'gap':>9s}")
@@ -102,15 +105,12 @@ def main(argv=None):
         print(f"{name:20s} {r['iterations_mean']:8.1f} {r['iterations_max']:6d} {r['converged_fraction']:5.2f} "
               f"{r['seconds_median']:8.4f} {r['final_rel_energy_gap_max']:9.2e}")
     print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in targets.items()})
+    print(f"wrote {out / 'solvers.json'} and solvers.png")
     return result
 
 
-def plot(traces, path, device):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(traces, path, device, problem):
+    plt = common.pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, tr in traces.items():
         ax.plot(range(1, len(tr) + 1), [10**t for t in tr], label=name)
@@ -118,12 +118,11 @@ def plot(traces, path, device):
     ax.set_xscale("log")
     ax.set_xlabel("iteration")
     ax.set_ylabel("relative energy gap (E - E*) / E*  (geometric mean over problems)")
-    ax.set_title(f"VARS-shaped lasso, N=196 M=128 C=64, 24 problems ({device})")
+    ax.set_title(f"VARS-shaped lasso, N={problem['N']} M={problem['M']} C={problem['C']}, "
+                 f"{problem['problems']} problems ({device})")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 if __name__ == "__main__":

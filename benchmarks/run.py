@@ -1,11 +1,15 @@
-"""Run every benchmark and write results under benchmarks/results/<device>/ (JSON + PNG).
+"""Run every benchmark and write its results (JSON + PNG) into one folder.
 
-    python benchmarks/run.py [--device auto|cpu|cuda] [--quick]
+    python benchmarks/run.py [--device auto|cpu|cuda] [--out DIR] [--threads N] [--quick] [--only NAME ...]
 
 Runs, each in its own process so one's memory does not colour another's: the solver benchmark
 (bench_solvers.py), the backward memory/time benchmark (bench_backward.py), the model
-throughput benchmark (bench_models.py) and `vars-deq compare`; each prints its own table, and the
-README quotes them.
+throughput benchmark (bench_models.py), the FLOP count (bench_flops.py), the layer against the
+original's update (bench_layer.py) and `vars-deq compare`; each prints its own table, and the
+README quotes them. --quick passes --quick to each (a smoke run of seconds apiece) and runs
+compare on one image, two solvers and no synthetic suite. --threads is passed on; without it each
+benchmark keeps its own default (the CPUs this process may use; one thread for bench_layer and
+compare). The default folder is benchmarks/results/<device>/.
 """
 
 from __future__ import annotations
@@ -16,32 +20,44 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+BENCHMARKS = ("solvers", "backward", "models", "flops", "layer")
+JOBS = (*BENCHMARKS, "compare")
+QUICK_COMPARE = ["--num-images", "1", "--solvers", "ista", "fista", "--tols", "1e-2", "--max-steps", "20",
+                 "--synthetic", "--repeats", "1"]
+
+
+def commands(device: str, out: Path, quick: bool, threads: int | None) -> dict[str, list[str]]:
+    """The command line of each job."""
+    py = sys.executable
+    shared = ["--device", device] + (["--threads", str(threads)] if threads else [])
+    jobs = {name: [py, str(HERE / f"bench_{name}.py"), *shared, "--out", str(out)] + (["--quick"] if quick else [])
+            for name in BENCHMARKS}
+    jobs["compare"] = [py, "-m", "vars_deq.cli", "compare", *shared, "--output", str(out)] + (QUICK_COMPARE if quick else [])
+    return jobs
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--quick", action="store_true", help="fewer repeats and steps (a smoke run)")
-    ap.add_argument("--only", nargs="*", default=None, help="subset of: solvers backward models compare")
+    ap.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results/<device>)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads for every job")
+    ap.add_argument("--quick", action="store_true", help="every benchmark's --quick mode (a smoke run)")
+    ap.add_argument("--only", nargs="*", default=None, choices=JOBS, help="a subset of the jobs")
     args = ap.parse_args(argv)
-    import torch
+    if args.threads is not None and args.threads < 1:
+        ap.error("--threads must be >= 1")
+    device, out = args.device, args.out
+    if out is None or device == "auto":
+        sys.path.insert(0, str(HERE))
+        from common import device_slug, pick_device
 
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    sys.path.insert(0, str(HERE))
-    from common import device_slug
-
-    out = HERE / "results" / device_slug(torch.device(device))
+        resolved = pick_device(device)
+        device = str(resolved)
+        out = out if out is not None else HERE / "results" / device_slug(resolved)
     out.mkdir(parents=True, exist_ok=True)
-    py = sys.executable
-    jobs = {
-        "solvers": [py, str(HERE / "bench_solvers.py"), "--device", device] + (["--repeats", "1"] if args.quick else []),
-        "backward": [py, str(HERE / "bench_backward.py"), "--device", device] + (["--quick"] if args.quick else []),
-        "models": [py, str(HERE / "bench_models.py"), "--device", device] + (["--steps", "2"] if args.quick else []),
-        "compare": [py, "-m", "vars_deq.cli", "compare", "--device", device, "--output", str(out)],
-    }
     failed = []
-    for name, cmd in jobs.items():
-        if args.only and name not in args.only:
+    for name, cmd in commands(device, out, args.quick, args.threads).items():
+        if args.only is not None and name not in args.only:
             continue
         print(f"\n=== {name}: {' '.join(cmd)}", flush=True)
         if subprocess.run(cmd, cwd=HERE.parent).returncode != 0:
