@@ -314,3 +314,13 @@ def reference_solution(case: LassoCase, tol: float = 1e-11, max_steps: int = 500
         sol = vd.solve(prob, solver, max_steps=max_steps, tol=tol, z0="zeros")
     assert bool((sol.stats.residual < 1e-8).all()), f"reference solve did not converge: {sol.stats.residual}"
     return sol.z, prob.energy(sol.z), sol
+
+
+@pytest.fixture(autouse=True)
+def _fresh_convergence_counts():
+    """Each test is its own run: the once-per-line convergence warnings start from zero."""
+    from vars_deq.backward import UNCONVERGED_ADJOINTS, UNCONVERGED_BACKWARDS
+
+    UNCONVERGED_BACKWARDS.clear()
+    UNCONVERGED_ADJOINTS.clear()
+    yield

@@ -184,10 +184,31 @@ def test_any_solver_with_any_backward():
 def test_unconverged_implicit_warns_with_residual_or_raises():
     D, x, lam = lasso_data(8)
     xr = x.clone().requires_grad_()
-    with pytest.warns(vd.ConvergenceWarning, match="residual"):
-        vd.sparse_code(vd.SparseCoding(D, xr, lam), solver="ista", max_steps=2, tol=None)
+    # the warning (or error) comes when a backward uses the equilibrium, attributed to the line that built it
+    z = vd.sparse_code(vd.SparseCoding(D, xr, lam), solver="ista", max_steps=2, tol=None)
+    with pytest.warns(vd.ConvergenceWarning, match="residual") as record:
+        z.sum().backward()
+    assert record[0].filename == __file__
+    z = vd.sparse_code(vd.SparseCoding(D, xr, lam), solver="ista", max_steps=2, tol=1e-8, on_unconverged="error")
     with pytest.raises(vd.ConvergenceError, match="residual"):
-        vd.sparse_code(vd.SparseCoding(D, xr, lam), solver="ista", max_steps=2, tol=1e-8, on_unconverged="error")
+        z.sum().backward()
+
+
+def test_unconverged_implicit_is_quiet_without_a_backward_and_counted_after_the_first():
+    D, x, lam = lasso_data(8)
+    xr = x.clone().requires_grad_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", vd.ConvergenceWarning)
+        with torch.no_grad():
+            vd.sparse_code(vd.SparseCoding(D, xr, lam), solver="ista", max_steps=2, tol=None)
+        vd.sparse_code(vd.SparseCoding(D, xr, lam), solver="ista", max_steps=2, tol=None)  # no backward
+    with pytest.warns(vd.ConvergenceWarning) as record:
+        for _ in range(3):
+            vd.sparse_code(vd.SparseCoding(D, xr, lam), solver="ista", max_steps=2, tol=None).sum().backward()
+    assert len([r for r in record if "did not converge" in str(r.message)]) == 1
+    from vars_deq.backward import UNCONVERGED_BACKWARDS
+
+    assert sum(n for (f, _), n in UNCONVERGED_BACKWARDS.items() if f == __file__) == 3
 
 
 def test_unconverged_adjoint_is_reported():

@@ -139,11 +139,13 @@ class Implicit(Backward):
         with torch.no_grad():
             sol = eq.solve()
         zs = sol.z.detach()
-        _check_forward(sol, self.on_unconverged)
+        grad = torch.is_grad_enabled()
+        report = _unconverged_report(sol, self.on_unconverged) if grad else None
+        site = (report.filename, report.lineno, report.module) if report is not None else (_caller() if grad else None)
         method = self.method(eq.lasso)
         sol.stats.adjoint = AdjointStats(method=method)
         solve_adjoint = eq.adjoint(method, self.tol, self.max_steps, self.ridge)
-        z = _ImplicitFn.apply(eq.T(zs), zs, solve_adjoint, method, self.tol, sol.stats.adjoint)
+        z = _ImplicitFn.apply(eq.T(zs), zs, solve_adjoint, (self.tol, report, site), sol.stats.adjoint)
         return z, sol
 
 
@@ -234,13 +236,54 @@ def _count(v, low: int) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= low
 
 
-def _check_forward(sol: Solution, on_unconverged: str) -> None:
-    """The implicit gradient is exact only at a fixed point: say so when the forward is not one."""
+class _UnconvergedReport:
+    """What the implicit backward says when it runs at a forward that did not converge: the
+    message, what to do (warn or raise), and the user's line that asked for the forward."""
+
+    def __init__(self, message: str, on_unconverged: str):
+        self.message, self.on_unconverged = message, on_unconverged
+        self.filename, self.lineno, self.module = _caller()
+
+    def emit(self) -> None:
+        if self.on_unconverged == "error":
+            raise ConvergenceError(self.message)
+        site = (self.filename, self.lineno)
+        UNCONVERGED_BACKWARDS[site] = UNCONVERGED_BACKWARDS.get(site, 0) + 1
+        if UNCONVERGED_BACKWARDS[site] == 1:  # once per call site and run; later ones are counted
+            warnings.warn_explicit(
+                self.message + " (later ones from this line are counted in vars_deq.backward.UNCONVERGED_BACKWARDS, "
+                "not repeated)", ConvergenceWarning, self.filename, self.lineno, self.module)
+
+
+#: (file, line) of the call that built an equilibrium -> how many implicit backwards ran at one
+#: that had not converged (the warning is given once per line; the CLI reports these counts)
+UNCONVERGED_BACKWARDS: dict[tuple[str, int], int] = {}
+
+
+def _caller() -> tuple[str, int, str]:
+    """The innermost frame outside vars_deq and torch: the user's line."""
+    import sys
+
+    frame = sys._getframe(1)
+    while frame is not None:
+        name = frame.f_globals.get("__name__", "")
+        if not (name == "vars_deq" or name.startswith(("vars_deq.", "torch.", "timm."))
+                or name in ("torch", "timm")):
+            return frame.f_code.co_filename, frame.f_lineno, name
+        frame = frame.f_back
+    return "<unknown>", 0, "<unknown>"
+
+
+def _unconverged_report(sol: Solution, on_unconverged: str) -> "_UnconvergedReport | None":
+    """The implicit gradient is exact only at a fixed point: a report for a forward that is not one.
+
+    Built at the forward (one host sync) and given only when a backward uses the equilibrium, so a
+    forward under no_grad, in evaluation or in drawing maps says nothing."""
     if on_unconverged == "ignore":
-        return
+        return None
     bad = ~sol.converged
     if not bool(bad.any()):
-        return
+        return None
     worst = sol.stats.residual.max().item()
     tol = REPORT_TOL if sol.stats.tol is None else sol.stats.tol
     msg = (
@@ -248,9 +291,7 @@ def _check_forward(sol: Solution, on_unconverged: str) -> None:
         f"have relative residual above {tol:g} (largest {worst:.3g}) after {sol.stats.max_steps} steps of "
         f"{sol.stats.solver}; raise max_steps or use backward='unroll'"
     )
-    if on_unconverged == "error":
-        raise ConvergenceError(msg)
-    warnings.warn(msg, ConvergenceWarning, stacklevel=4)
+    return _UnconvergedReport(msg, on_unconverged)
 
 
 # -- adjoint solves ---------------------------------------------------------------------------
@@ -358,21 +399,23 @@ class _ImplicitFn(torch.autograd.Function):
     is the adjoint solve (lasso active set, or a generic map's VJP)."""
 
     @staticmethod
-    def forward(out, zs, adjoint, method, tol, stats):
+    def forward(out, zs, adjoint, checks, stats):
         return out.clone()
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _, zs, adjoint, method, tol, stats = inputs
+        _, zs, adjoint, (tol, report, site), stats = inputs
         ctx.save_for_backward(zs)
-        ctx.adjoint, ctx.method, ctx.tol, ctx.stats = adjoint, method, tol, stats
+        ctx.adjoint, ctx.tol, ctx.report, ctx.site, ctx.stats = adjoint, tol, report, site, stats
 
     @staticmethod
     def backward(ctx, g):
+        if ctx.report is not None:
+            ctx.report.emit()
         (zs,) = ctx.saved_tensors
         u, steps, rel, method = ctx.adjoint(zs, g)
-        _record_adjoint(ctx.stats, method, steps, rel, ctx.tol)
-        return u, None, None, None, None, None
+        _record_adjoint(ctx.stats, method, steps, rel, ctx.tol, ctx.site)
+        return u, None, None, None, None
 
 
 def _map_adjoint(f, method, tol, max_steps):
@@ -393,7 +436,7 @@ def _map_adjoint(f, method, tol, max_steps):
     return adjoint
 
 
-def _record_adjoint(stats: AdjointStats | None, method, steps, rel, tol) -> None:
+def _record_adjoint(stats: AdjointStats | None, method, steps, rel, tol, site=None) -> None:
     # a direct solve is exact to rounding: its residual measures the support Gram's conditioning in
     # the compute dtype, so it counts as converged below sqrt(eps) as well as below tol
     limit = max(tol, math.sqrt(torch.finfo(rel.dtype).eps)) if method == "direct" else tol
@@ -401,15 +444,23 @@ def _record_adjoint(stats: AdjointStats | None, method, steps, rel, tol) -> None
     if stats is not None:
         stats.method, stats.steps, stats.residual, stats.converged = method, steps, rel, converged
         stats.calls += 1
-    if not bool(converged.all()):
-        warnings.warn(
+    if bool(converged.all()):
+        return
+    filename, lineno, module = site or ("<unknown>", 0, "<unknown>")
+    key = (filename, lineno)
+    UNCONVERGED_ADJOINTS[key] = UNCONVERGED_ADJOINTS.get(key, 0) + 1
+    if UNCONVERGED_ADJOINTS[key] == 1:  # once per call site and run; later ones are counted
+        warnings.warn_explicit(
             f"adjoint solve ({method}) did not reach adjoint_tol={tol:g} on {int((~converged).sum())} of "
             f"{converged.numel()} problems (largest residual {rel.max().item():.3g}); "
             + ("the support Gram is near singular: set adjoint_ridge > 0" if method == "direct"
-               else "raise adjoint_max_steps"),
-            ConvergenceWarning,
-            stacklevel=2,
-        )
+               else "raise adjoint_max_steps")
+            + " (later ones from this line are counted in vars_deq.backward.UNCONVERGED_ADJOINTS, not repeated)",
+            ConvergenceWarning, filename, lineno, module)
+
+
+#: like UNCONVERGED_BACKWARDS, for adjoint solves that stopped above their tolerance
+UNCONVERGED_ADJOINTS: dict[tuple[str, int], int] = {}
 
 
 # -- the equilibria a backward attaches to -----------------------------------------------------

@@ -35,6 +35,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from ..data import build_datasets, model_input_size
 from ..equilibrium import ConvergenceWarning
+from ..backward import UNCONVERGED_ADJOINTS, UNCONVERGED_BACKWARDS
 from ..layers import layer_stats
 from .checkpoint import (
     CheckpointError,
@@ -366,8 +367,9 @@ class _Trainer:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", ConvergenceWarning)
                 for x, y in loader:
+                    before = _unconverged_backwards()
                     self._step(x, y, epoch)
-                    self._count_convergence_warnings(caught, others)
+                    self._count_convergence_warnings(caught, others, _unconverged_backwards() > before)
                     self._after_step(bar, epoch)
         finally:
             bar.close()
@@ -375,14 +377,17 @@ class _Trainer:
             for w in others.values():
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
-    def _count_convergence_warnings(self, caught: list, others: dict) -> None:
+    def _count_convergence_warnings(self, caught: list, others: dict, unconverged: bool) -> None:
+        """``unconverged``: a backward of this step ran at an unconverged equilibrium (the library
+        warns once per call site and counts the rest, so the count, not the warnings, says it)."""
         conv = [w for w in caught if issubclass(w.category, ConvergenceWarning)]
         for w in caught:
             if not issubclass(w.category, ConvergenceWarning):
                 others.setdefault((str(w.message), w.category, w.filename, w.lineno), w)
         if conv:
-            self.accum[6] += 1
             self.last_convergence_warning = str(conv[-1].message)
+        if unconverged or conv:
+            self.accum[6] += 1
         caught.clear()
 
     def _after_step(self, bar, epoch: int) -> None:
@@ -551,6 +556,10 @@ def _state_hash(model: nn.Module) -> str:
         h.update(k.encode())
         h.update(v.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+def _unconverged_backwards() -> int:
+    return sum(UNCONVERGED_BACKWARDS.values()) + sum(UNCONVERGED_ADJOINTS.values())
 
 
 def _progress(enabled: bool, total: int, initial: int, desc: str):
