@@ -70,7 +70,9 @@ class SparseReconstruction(nn.Module):
             raise ValueError(f"dictionary must be a dictionary module, got {type(dictionary).__name__}")
         self.dictionary = dictionary
         lam_t = torch.as_tensor(lam, dtype=torch.get_default_dtype())
-        if not bool(torch.isfinite(lam_t).all()) or bool((lam_t < 0).any()):
+        # checked on the CPU: under a meta device context (timm builds models there) lam_t has no values
+        lam_cpu = torch.as_tensor(lam, dtype=torch.get_default_dtype(), device="cpu")
+        if not bool(torch.isfinite(lam_cpu).all()) or bool((lam_cpu < 0).any()):
             raise ValueError(f"lam must be finite and >= 0, got {lam}")
         self.learn_lam = bool(learn_lam)
         if self.learn_lam:

@@ -23,11 +23,12 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from timm.layers import PatchEmbed, to_2tuple
-from timm.models import build_model_with_cfg, generate_default_cfgs, load_pretrained, register_model
+from timm.layers import PatchEmbed, register_notrace_module, to_2tuple
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, resolve_pretrained_cfg
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import nn
 
+from ..layers.vars_attention import VARSAttention
 from .convert import convert_vit
 from .performer import PerformerAttention
 
@@ -39,6 +40,10 @@ VARS_LAYER_KEYS = frozenset({
     "num_kernels", "kernel_size", "padding", "static_impl", "num_features", "orthogonal", "feature_seed",
     "adjoint", "adjoint_tol", "adjoint_max_steps", "phantom_steps", "tau", "on_unconverged",
 })
+
+# a leaf for timm's fx feature extraction (create_feature_extractor, features_only with feature_cls='fx'):
+# the solver's loop and its argument checks cannot be traced symbolically
+register_notrace_module(VARSAttention)
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # vars_deq.data feeds digits in pixel space [0, 1], unnormalized (corruption and PGD budgets are
@@ -117,7 +122,8 @@ default_cfgs = generate_default_cfgs({
 
 def _build(variant: str, pretrained: bool, model_args: dict, kwargs: dict, dictionary: str | None = None,
            attn_layer: type[nn.Module] | None = None, layer_defaults: dict | None = None) -> VisionTransformer:
-    """Build the skeleton, swap in the attention, then load weights (so VARS checkpoints fit)."""
+    """Build the skeleton and swap in the attention inside timm's builder, so that its weight loading
+    (VARS checkpoints fit) and ``features_only`` wrapping both see the final model."""
     kwargs = dict(kwargs)
     layer_config = {k: kwargs.pop(k) for k in list(kwargs) if k in VARS_LAYER_KEYS}
     if dictionary is None and (layer_config or "dictionary" in kwargs):
@@ -125,26 +131,27 @@ def _build(variant: str, pretrained: bool, model_args: dict, kwargs: dict, dicti
         raise ValueError(f"{variant} has no VARS layers to apply {given} to")
     if "dictionary" in kwargs:
         raise ValueError(f"{variant} fixes the dictionary in its name; pick vars_s_/vars_d_/vars_sd_ instead")
+    if pretrained:
+        cfg = resolve_pretrained_cfg(variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay"))
+        if not (cfg.file or cfg.state_dict):
+            raise ValueError(
+                f"{variant} has no published weights; pass pretrained_cfg_overlay=dict(file='checkpoint.pth')"
+            )
     if kwargs.pop("conv_stem", False):
         kwargs["embed_layer"] = ConvStemPatchEmbed
     if attn_layer is not None:
         kwargs["attn_layer"] = attn_layer
     out_indices = kwargs.pop("out_indices", 3)
-    model = build_model_with_cfg(
-        VisionTransformer, variant, pretrained=False, feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
-        **{**model_args, **kwargs},
+    layers = {**(layer_defaults or {}), **layer_config}
+
+    def vision_transformer(**model_kwargs: Any) -> VisionTransformer:
+        model = VisionTransformer(**model_kwargs)
+        return model if dictionary is None else convert_vit(model, dictionary, **layers)
+
+    return build_model_with_cfg(
+        vision_transformer, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"), **{**model_args, **kwargs},
     )
-    if dictionary is not None:
-        convert_vit(model, dictionary, **{**(layer_defaults or {}), **layer_config})
-    if pretrained:
-        cfg = model.pretrained_cfg
-        if not (cfg.get("file") or cfg.get("state_dict")):
-            raise ValueError(
-                f"{variant} has no published weights; pass pretrained_cfg_overlay=dict(file='checkpoint.pth')"
-            )
-        in_chans = kwargs.get("in_chans", model_args.get("in_chans", 3))
-        load_pretrained(model, cfg, num_classes=model.num_classes, in_chans=in_chans, filter_fn=checkpoint_filter_fn)
-    return model
 
 
 # -- DeiT skeletons --------------------------------------------------------------------------
