@@ -16,7 +16,9 @@ factory device), ``features_only`` with the getter, ``forward_intermediates``, l
 forward and backward (our attention layers are fx leaves), and TorchScript for the models without
 VARS layers. TorchScript tests of the VARS models are skipped, with the reason in :data:`PLUGIN`.
 The models are the five digits models and one DeiT-Tiny of each kind (the DeiT-Small ones differ
-only in width); the whole run is one subprocess of a few minutes on two cores.
+only in width); the whole run is one subprocess of a few minutes on two cores (marked ``slow``).
+
+The fast tests below check each of the fixes that suite needed, offline, on the digits models.
 """
 
 from __future__ import annotations
@@ -30,10 +32,13 @@ from pathlib import Path
 
 import pytest
 import timm
+import torch
+from timm.layers import create_feature_extractor, get_graph_node_names
+from timm.models._features import FeatureGetterNet
 
 import vars_deq
-
-pytestmark = pytest.mark.slow
+from vars_deq import VARSAttention
+from vars_deq.models import PerformerAttention
 
 MODELS = (
     "vars_s_digits", "vars_d_digits", "vars_sd_digits", "deit_digits", "performer_digits",
@@ -54,8 +59,8 @@ import vars_deq.models  # noqa: F401  (registers the models)
 
 SELECTED = frozenset(os.environ["VARS_TIMM_MODELS"].split(","))
 TORCHSCRIPT_REASON = (
-    "TorchScript is not supported by VARS layers: the iterative sparse-coding solver (solver objects, "
-    "option dictionaries, custom autograd) is Python that torch.jit.script cannot compile"
+    "TorchScript is not supported by VARS layers: the iterative sparse-coding solve (solver objects, calls "
+    "with **options, a torch.autograd.Function for the implicit backward) is Python torch.jit.script cannot compile"
 )
 _list_models = timm.list_models
 
@@ -126,6 +131,7 @@ def timm_suite(tmp_path_factory) -> Path:
     return suite
 
 
+@pytest.mark.slow
 def test_timm_model_suite_passes(timm_suite: Path):
     report = timm_suite / "report.xml"
     src = str(Path(vars_deq.__file__).resolve().parents[1])
@@ -153,3 +159,69 @@ def test_timm_model_suite_passes(timm_suite: Path):
     assert all("torchscript" in name and "-vars_" in name for name in skipped), skipped
     for model in MODELS:
         assert any(name.endswith(f"-{model}]") for name in passed), f"no timm test passed on {model}"
+
+
+# -- the fixes, one test each (offline, digits models) -----------------------------------------
+
+DIGITS = ("vars_s_digits", "vars_d_digits", "vars_sd_digits", "performer_digits", "deit_digits")
+
+
+def _images(batch: int = 2) -> torch.Tensor:
+    return torch.rand(batch, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("name", ["vars_s_digits", "vars_sd_digits", "performer_digits"])
+def test_features_only_wraps_the_converted_model(name):
+    torch.manual_seed(0)
+    features = timm.create_model(name, features_only=True, out_indices=(1, 3)).eval()
+    torch.manual_seed(0)
+    model = timm.create_model(name).eval()
+    assert isinstance(features, FeatureGetterNet)
+    kinds = {type(m) for m in features.modules()}
+    assert (VARSAttention if name.startswith("vars_") else PerformerAttention) in kinds
+    x = _images()
+    with torch.no_grad():
+        expected = model.forward_intermediates(x, indices=(1, 3), intermediates_only=True)
+        got = features(x)
+    assert features.feature_info.channels() == [64, 64]
+    assert len(got) == 2
+    for g, e in zip(got, expected):
+        assert g.shape == (2, 64, 4, 4)
+        torch.testing.assert_close(g, e)
+
+
+@pytest.mark.parametrize("name", DIGITS)
+def test_builds_on_the_meta_device(name):
+    with torch.device("meta"):
+        model = timm.create_model(name)
+    tensors = [*model.parameters(), *model.buffers()]
+    assert tensors and all(t.is_meta for t in tensors)
+    assert model.forward_features(torch.empty(1, 1, 8, 8, device="meta")).is_meta
+
+
+def test_lam_is_still_validated():
+    with pytest.raises(ValueError, match="lam must be finite and >= 0"):
+        timm.create_model("vars_d_digits", lam=-0.1)
+    with torch.device("meta"), pytest.raises(ValueError, match="lam must be finite and >= 0"):
+        timm.create_model("vars_d_digits", lam=float("nan"))
+
+
+@pytest.mark.parametrize("name", ["vars_sd_digits", "vars_s_digits", "performer_digits"])
+def test_attention_layers_are_fx_leaves(name):
+    torch.manual_seed(0)
+    model = timm.create_model(name).eval()
+    _, nodes = get_graph_node_names(model)
+    leaf = "blocks.0.attn"
+    assert leaf in nodes and not any(n.startswith(leaf + ".") for n in nodes)
+    extractor = create_feature_extractor(model, return_nodes={nodes[-1]: "out"})
+    x = _images()
+    with torch.no_grad():
+        torch.testing.assert_close(extractor(x)["out"], model(x))
+
+
+def test_performer_scripts():
+    torch.manual_seed(0)
+    model = timm.create_model("performer_digits").eval()
+    x = _images()
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.script(model)(x), model(x))
