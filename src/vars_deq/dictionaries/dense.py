@@ -83,7 +83,7 @@ class DenseDictionary(nn.Module):
         super().__init__()
         if not isinstance(weight, torch.Tensor) or weight.dim() < 2:
             raise ValueError("weight must be a tensor of atoms with shape (..., N, M)")
-        if not torch.isfinite(weight).all():
+        if not weight.is_meta and not torch.isfinite(weight).all():  # a meta tensor (timm's meta builds) has no values
             raise ValueError("weight holds NaN or Inf")
         if learnable:
             self.weight = nn.Parameter(weight.detach().clone())

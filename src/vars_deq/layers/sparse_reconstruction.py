@@ -104,15 +104,17 @@ class SparseReconstruction(nn.Module):
         if not isinstance(dictionary, nn.Module):
             raise ValueError(f"dictionary must be a dictionary module, got {type(dictionary).__name__}")
         self.dictionary = dictionary
+        # float64, so that lam = 0.3 is 0.3 in a float64 layer (a float32 value cast up is 0.30000001)
         lam_t = torch.as_tensor(lam, dtype=torch.float64)
-        if not bool(torch.isfinite(lam_t).all()) or bool((lam_t < 0).any()):
+        # checked on the CPU: under a meta device context (timm builds models there) lam_t has no values
+        lam_cpu = torch.as_tensor(lam, dtype=torch.float64, device="cpu")
+        if not bool(torch.isfinite(lam_cpu).all()) or bool((lam_cpu < 0).any()):
             raise ValueError(f"lam must be finite and >= 0, got {lam}")
         self.learn_lam = bool(learn_lam)
         if self.learn_lam:
             # softplus^{-1}(lam); lam = 0 is the boundary of the parametrization, start just above it
             self.lam_raw = nn.Parameter(_softplus_inv(lam_t.clamp_min(1e-6)).to(torch.get_default_dtype()))
         else:
-            # float64, so that lam = 0.3 is 0.3 in a float64 layer (a float32 buffer cast up is 0.30000001)
             self.register_buffer("lam_value", lam_t.clone())
         self.nonneg, self.check_finite = bool(nonneg), bool(check_finite)
         self._forward: dict[str, Any] = {}  # solver, max_steps, tol given explicitly

@@ -16,11 +16,14 @@ import math
 from typing import Callable
 
 import torch
+from timm.layers import register_notrace_module
 from torch import nn
 
 __all__ = ["PerformerAttention"]
 
 
+# a leaf for timm's fx feature extraction: tracing into forward would branch on a Proxy's attn_mask
+@register_notrace_module
 class PerformerAttention(nn.Module):
     """Linear attention with the constructor keywords and forward of timm's ``Attention``.
 
@@ -81,7 +84,7 @@ class PerformerAttention(nn.Module):
         logits = logits - 0.5 * x.pow(2).sum(-1, keepdim=True)
         # a constant per query row (or per head for keys) cancels in the normalized output; it
         # only keeps exp() in range
-        dims = (-1,) if is_query else (-2, -1)
+        dims = [-1] if is_query else [-2, -1]
         logits = logits - logits.detach().amax(dim=dims, keepdim=True)
         return torch.exp(logits) / math.sqrt(self.num_features)
 
@@ -100,13 +103,14 @@ class PerformerAttention(nn.Module):
         if attn_mask is not None or is_causal:
             raise ValueError("PerformerAttention does not support attn_mask or is_causal")
         if x.dim() != 3:
-            raise ValueError(f"PerformerAttention expects x of shape (B, N, C), got {tuple(x.shape)}")
+            raise ValueError(f"PerformerAttention expects x of shape (B, N, C), got {x.shape}")
         B, N, _ = x.shape
         q, k, v = self._qkv(x)
         fq, fk = self._features(q, True), self._features(k, False)
         kv = fk.transpose(-1, -2) @ v  # (B, H, m, d)
         denom = fq @ fk.sum(-2).unsqueeze(-1)  # (B, H, N, 1)
-        out = (fq @ kv) / denom.clamp_min(torch.finfo(denom.dtype).tiny)
+        # denom is 0 only where every phi(q_i)^T phi(k_j) underflowed, and then so is the numerator
+        out = (fq @ kv) / torch.where(denom > 0, denom, torch.ones_like(denom))
         out = self.norm(out.transpose(1, 2).reshape(B, N, self.attn_dim))
         if self.gate is not None:
             out = out * self.gate(x).sigmoid()

@@ -26,12 +26,12 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from timm.layers import PatchEmbed, to_2tuple
-from timm.models import build_model_with_cfg, generate_default_cfgs, load_pretrained, register_model
+from timm.layers import PatchEmbed, register_notrace_module, to_2tuple
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, resolve_pretrained_cfg
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import nn
 
-from ..layers.vars_attention import LAYER_OPTIONS
+from ..layers.vars_attention import LAYER_OPTIONS, VARSAttention
 from .convert import convert_vit
 from .performer import PerformerAttention
 
@@ -40,6 +40,10 @@ __all__ = ["ConvStemPatchEmbed", "VARS_LAYER_KEYS"]
 #: create_model keywords that configure the VARS layers rather than the VisionTransformer: every
 #: layer option except those the model fixes (the dictionary, by name; the prefix count, by its tokens)
 VARS_LAYER_KEYS = frozenset(LAYER_OPTIONS) - {"dictionary", "num_prefix_tokens"}
+
+# a leaf for timm's fx feature extraction (create_feature_extractor, features_only with feature_cls='fx'):
+# the solver's loop and its argument checks cannot be traced symbolically
+register_notrace_module(VARSAttention)
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # vars_deq.data feeds digits in pixel space [0, 1], unnormalized (corruption and PGD budgets are
@@ -153,7 +157,8 @@ def _no_pre_norm(model: VisionTransformer) -> None:
 def _build(variant: str, pretrained: bool, model_args: dict, kwargs: dict, dictionary: str | None = None,
            attn_layer: type[nn.Module] | None = None, layer_defaults=None,
            conv_stem: bool = False) -> VisionTransformer:
-    """Build the skeleton, swap in the attention, then load weights (so VARS checkpoints fit).
+    """Build the skeleton and swap in the attention inside timm's builder, so that its weight loading
+    (VARS checkpoints fit) and ``features_only`` wrapping both see the final model.
 
     ``layer_defaults(model, config) -> dict``: the variant's layer settings, given the built
     skeleton and the user's layer config (which overrides them)."""
@@ -164,29 +169,31 @@ def _build(variant: str, pretrained: bool, model_args: dict, kwargs: dict, dicti
         raise ValueError(f"{variant} has no VARS layers to apply {given} to")
     if "dictionary" in kwargs:
         raise ValueError(f"{variant} fixes the dictionary in its name; pick vars_s_/vars_d_/vars_sd_ instead")
+    if pretrained:
+        cfg = resolve_pretrained_cfg(variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay"))
+        if not (cfg.file or cfg.state_dict):
+            raise ValueError(
+                f"{variant} has no published weights; pass pretrained_cfg_overlay=dict(file='checkpoint.pth')"
+            )
     if kwargs.pop("conv_stem", conv_stem):
         kwargs["embed_layer"] = ConvStemPatchEmbed
     if attn_layer is not None:
         kwargs["attn_layer"] = attn_layer
     out_indices = kwargs.pop("out_indices", 3)
-    model = build_model_with_cfg(
-        VisionTransformer, variant, pretrained=False, feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
-        **{**model_args, **kwargs},
-    )
-    if dictionary is not None:
+    def vision_transformer(**model_kwargs: Any) -> VisionTransformer:
+        model = VisionTransformer(**model_kwargs)
+        if dictionary is None:
+            return model
         defaults = layer_defaults(model, layer_config) if layer_defaults is not None else {}
         convert_vit(model, dictionary, **{**defaults, **layer_config})
         if dictionary == "s":
             _no_pre_norm(model)
-    if pretrained:
-        cfg = model.pretrained_cfg
-        if not (cfg.get("file") or cfg.get("state_dict")):
-            raise ValueError(
-                f"{variant} has no published weights; pass pretrained_cfg_overlay=dict(file='checkpoint.pth')"
-            )
-        in_chans = kwargs.get("in_chans", model_args.get("in_chans", 3))
-        load_pretrained(model, cfg, num_classes=model.num_classes, in_chans=in_chans, filter_fn=checkpoint_filter_fn)
-    return model
+        return model
+
+    return build_model_with_cfg(
+        vision_transformer, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"), **{**model_args, **kwargs},
+    )
 
 
 # -- DeiT skeletons --------------------------------------------------------------------------
