@@ -103,3 +103,24 @@ def test_create_model_takes_a_backward_object_and_flat_adjoint_ridge():
 def test_a_flat_option_of_another_backward_is_refused():
     with pytest.raises(ValueError, match="configure backward 'phantom', but backward is 'implicit'"):
         timm.create_model("vars_sd_digits", backward="implicit", phantom_steps=3)
+
+
+@pytest.mark.parametrize("name", sorted(LAYER_OPTIONS))
+def test_every_runtime_option_reaches_the_layers_from_the_command_line(name):
+    from vars_deq.cli import build_parser
+    from vars_deq.cli.layer_options import layer_options
+
+    kw = _kwargs(name)
+    if name == "backward":
+        kw, expected = {"backward": "phantom"}, vd.Phantom()
+    else:
+        expected = EXPECTED.get(name, CHECKS[name][0])
+    argv = ["train"]
+    for k, v in kw.items():
+        argv += ["--" + k.replace("_", "-"), str(v)]
+    options = layer_options(build_parser().parse_args(argv))
+    assert set(options) == set(kw)
+    model = timm.create_model("vars_sd_digits")
+    vd.configure_layers(model, **options)
+    for attn in (b.attn for b in model.blocks):
+        assert CHECKS[name][1](attn) == expected, name
