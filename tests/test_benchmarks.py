@@ -70,11 +70,30 @@ def test_quick_mode_writes_json_and_png(quick_results, stem):
 
 def test_backward_adjoint_study_ran_through_public_stats(quick_results):
     adj = load(quick_results[0], "backward")["adjoint_study"]
-    assert set(adj["methods"]) == {"cg", "fixed_point"}
+    assert set(adj["methods"]) == {"direct", "auto", "cg", "fixed_point"}
     cg = adj["methods"]["cg"]
     assert cg["method"] == "cg" and cg["converged"] and cg["steps_max"] >= 1
     # CG to adjoint_tol 1e-6 on a float64 equilibrium: the gradients match the closed form on the support
     assert cg["grad_q_rel_error"] < 1e-4 and cg["grad_v_rel_error"] < 1e-4
+    direct, auto = adj["methods"]["direct"], adj["methods"]["auto"]
+    assert direct["method"] == "direct" and direct["converged"] and auto["method"] in {"direct", "cg"}
+    for row in (direct, auto):  # exact to rounding on the support
+        assert row["grad_q_rel_error"] < 1e-4 and row["grad_v_rel_error"] < 1e-4
+
+
+def test_backward_interleaved_comparison_has_every_adjoint_and_both_targets(quick_results):
+    data = load(quick_results[0], "backward")
+    compare = data["time_comparison"]
+    assert compare["solver"] == "fista" and compare["loss"] == "<w, z>"
+    variants = {(r["variant"], r["steps"]) for r in compare["rows"]}
+    names = {"unroll", "implicit_direct", "implicit_auto", "implicit_cg"}
+    assert variants == {(n, k) for n in names for k in (2, 5)}  # --quick: K = 2 (backward), 5 (total)
+    for r in compare["rows"]:
+        assert r["total_s"] > 0 and (r["adjoint"] is None) == (r["variant"] == "unroll")
+        if r["adjoint"] is not None and r["variant"] != "implicit_auto":
+            assert r["adjoint"]["method"] == r["variant"].removeprefix("implicit_")
+    timed = {(t["variant"], t["steps"]) for t in data["targets"] if "variant" in t}
+    assert timed == {(n, k) for n in names - {"unroll"} for k in (2, 5)}
 
 
 def test_flops_quick_counts_digits_and_one_tiny_model(quick_results):
