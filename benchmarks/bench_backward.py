@@ -224,12 +224,11 @@ def compare_interleaved(args, device: torch.device) -> dict:
     """Issue 11's side-by-side timing: unroll and implicit (each adjoint of --compare-adjoints) at
     K = --time-steps and --total-steps, interleaved rounds (every variant once per round; round 0
     untimed), medians of forward, backward and their per-round sum."""
-    set_threads(args.threads)
     names = [("unroll", None)] + [("implicit", a) for a in args.compare_adjoints]
     cases = {}
     for steps in sorted({args.time_steps, args.total_steps}):
         for mode, adjoint in names:
-            cfg = config(args, device, mode, args.compare_solver, steps, adjoint=adjoint or args.sweep_adjoint)
+            cfg = config(args, device, mode, args.compare_solver, steps, **({"adjoint": adjoint} if adjoint else {}))
             cases[(steps, mode if adjoint is None else f"implicit_{adjoint}")] = Case(cfg)
     times = {key: [] for key in cases}
     with warnings.catch_warnings():
