@@ -46,15 +46,14 @@ PAPER_GMACS = {
 
 
 def registered_models() -> list[str]:
-    """The timm names that importing vars_deq.models adds (so a renamed or moved model file cannot
-    drop a model from the count silently)."""
-    before = set(timm.list_models())
+    """The timm names whose entry point lives in vars_deq.models (so a renamed or moved model file
+    cannot drop a model from the count silently), whatever imported the package first."""
     import vars_deq.models  # noqa: F401  (registers the models)
 
-    added = sorted(set(timm.list_models()) - before)
-    if not added:
-        raise RuntimeError("importing vars_deq.models registered no timm model (was it imported before timm?)")
-    return added
+    ours = sorted(n for n in timm.list_models() if timm.models.model_entrypoint(n).__module__.startswith("vars_deq."))
+    if not ours:
+        raise RuntimeError("importing vars_deq.models registered no timm model")
+    return ours
 
 
 def measure(name: str, device: torch.device) -> dict:

@@ -1,4 +1,4 @@
-"""Forward+backward time of one VARS attention layer against the original VARS code's update (issue 12).
+"""Forward+backward time of one VARS attention layer against the original VARS code (issue 12).
 
 DeiT-Tiny shapes: batch B = 8, dim 192, 3 heads (head_dim d = 64, m = 2 d = 128 random features),
 float32, CPU one thread by default. VARS-D runs on N = 197 tokens (class token + 14 x 14 grid);
@@ -7,18 +7,24 @@ VARS-SD on N = 196 (the original's SD has free static atoms on the grid and no c
 Variants, timed interleaved (one round of every variant, then the next round: ABAB...), the
 first round untimed; each call is forward, loss = <w, out>, backward:
 
-- ``ours_d``: ``vd.VARSAttention(192, 3, qkv_bias=True, dictionary="d")`` with its defaults;
-- ``ours_sd_free``: ``dictionary="sd", static_atoms="free", num_tokens=N`` (the original's VARS-SD
-  from our parts), recorded as skipped where this library version has no such option;
-- ``ours_sd``: ``dictionary="sd"`` with its shipped (convolutional) static atoms;
-- ``original_d``, ``original_sd``: :func:`reference_forward`, the original code's update written
-  from the facts of the faithful-VARS issue, on the same weights as ``ours_d`` / ``ours_sd_free``
-  (fresh free static atoms where ``ours_sd_free`` is skipped).
+- ``ours_d``: ``vd.VARSAttention(192, 3, qkv_bias=True, dictionary="d")`` with its defaults (the
+  original's 5 ISTA steps, unrolled);
+- ``ours_sd``: ``dictionary="sd", static_atoms="free", num_tokens=N`` (the original's VARS-SD);
+- ``ours_d_deq``, ``ours_sd_deq``: the same layers with ``backward=vd.Implicit()``, whose forward
+  is the DEQ preset (FISTA to a relative residual of 1e-3); ``--no-deq`` skips them;
+- ``original_d``, ``original_sd``: ``original_vars_d`` / ``original_vars_sd`` of
+  tests/reference_vars.py (the independent reference of the original code) on leaf copies of
+  ``ours_d`` / ``ours_sd``'s weights, mapped as tests/test_faithful.py maps them:
 
-Reported: median seconds per variant, the ratios ours / original, the relative output difference
-of each pair (0 up to rounding once our defaults are the original's), FlopCounterMode's count of
-each variant's forward and forward+backward, and the FLOP floor of the update at these shapes
-(:func:`flop_floor`). Do not read the times of a shared machine as speed: run it alone.
+      W_qv = [W_q; W_v],  b_qv = [b_q; b_v],  w_feat = projection^T (H, d, m),
+      static = static_atoms.weight (H, N, m),  W_proj, b_proj as they are.
+
+Before timing, each pair's outputs must agree: ||ours - original|| / ||original|| < 1e-5 in
+float32 (else the benchmark stops); the difference, and that of the weight gradients, are
+recorded. Reported: median seconds per variant, the ratios ours / original, FlopCounterMode's
+count of each variant's forward and forward+backward, the DEQ variants' forward statistics, and
+the FLOP floor of the update at these shapes (:func:`flop_floor`). Do not read the times of a
+shared machine as speed: run it alone.
 
     python benchmarks/bench_layer.py                 # DeiT-Tiny shapes, 20 rounds
     python benchmarks/bench_layer.py --quick         # B=2, dim 24, N=17/16, one round
@@ -28,16 +34,20 @@ Results: <out>/layer.json and layer.png (default out: benchmarks/results/<device
 
 from __future__ import annotations
 
-import math
 import sys
+import warnings
 from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+# the reference of the original code is test code (tests/reference_vars.py, checked against the
+# layer by tests/test_faithful.py), not part of the library: import it from the tests folder
+sys.path.insert(0, str(HERE.parent / "tests"))
 import common  # noqa: E402
+from reference_vars import original_vars_d, original_vars_sd  # noqa: E402
 
 import vars_deq as vd  # noqa: E402
 
@@ -45,74 +55,37 @@ SHAPE = {"B": 8, "dim": 192, "heads": 3, "N_d": 197, "N_sd": 196}
 QUICK_SHAPE = {"B": 2, "dim": 24, "heads": 3, "N_d": 17, "N_sd": 16}
 LAM = 0.3
 STEPS = 5
-PAIRS = {"d": ("ours_d", "original_d"), "sd_free": ("ours_sd_free", "original_sd"),
-         "sd_shipped": ("ours_sd", "original_sd")}
+AGREEMENT_TOL = 1e-5
+#: pair -> (our variant, the original's variant on its weights)
+PAIRS = {"d": ("ours_d", "original_d"), "sd": ("ours_sd", "original_sd")}
 
 
-# -- the original's update ------------------------------------------------------------------------
+# -- the original, on the layer's weights ---------------------------------------------------------
 
 
-def soft_threshold(x: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
-    """S_t(x) = sign(x) max(|x| - t, 0)."""
-    return torch.sign(x) * F.relu(x.abs() - t)
-
-
-def reference_forward(kind: str, x: torch.Tensor, weights: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The original VARS attention ("d" or "sd") on x (B, N, dim), from its published facts.
-
-    With q = x W_q + b_q, v = x W_v + b_v split into H heads of d channels, per sample and head:
-
-        phi(u) = exp(u w - |u|^2 / 2) / sqrt(m),  u = q / |q|,  w (d, m) fixed, m = 2 d
-        D = normalize_tokens(phi(q))                    (VARS-D)
-        D = normalize_tokens([phi(q), S]),  S (N, m)    (VARS-SD: free static atoms)
-        b = D^T v,  G = D^T D,  L = max_i sum_j |G_ij| + 1   (Gershgorin bound + 1, detached)
-        z_0 = S_lam(b),  z_{k+1} = S_{lam/L}(z_k - (G z_k - b) / L),  k < 5,  lam = 0.3
-        out = proj(D z_5)
-
-    ``weights``: q_weight, q_bias, v_weight, v_bias, proj_weight, proj_bias, features (H, d, m),
-    and for "sd" static (1, H, N, m). A stand-in for tests/reference_vars.py's ``original_vars_d``
-    and ``original_vars_sd`` until those land.
-    """
-    if kind not in ("d", "sd"):
-        raise ValueError(f"kind must be one of ('d', 'sd'), got {kind!r}")
-    B, N, _ = x.shape
-    w = weights["features"]
-    H, d, m = w.shape
-    q = F.linear(x, weights["q_weight"], weights["q_bias"]).reshape(B, N, H, d).transpose(1, 2)
-    v = F.linear(x, weights["v_weight"], weights["v_bias"]).reshape(B, N, H, d).transpose(1, 2)
-    u = F.normalize(q, dim=-1)
-    atoms = torch.exp(u @ w - 0.5 * u.pow(2).sum(-1, keepdim=True)) / math.sqrt(m)
-    if kind == "sd":
-        atoms = torch.cat([atoms, weights["static"].expand(B, -1, -1, -1)], dim=-1)
-    D = F.normalize(atoms, dim=-2)
-    Dt = D.transpose(-1, -2)
-    b, G = Dt @ v, Dt @ D
-    L = (G.abs().sum(-1).amax(-1) + 1).detach()[..., None, None]
-    z = soft_threshold(b, LAM)
-    for _ in range(STEPS):
-        z = soft_threshold(z - (G @ z - b) / L, LAM / L)
-    out = (D @ z).transpose(1, 2).reshape(B, N, H * d)
-    return F.linear(out, weights["proj_weight"], weights["proj_bias"])
-
-
-def layer_weights(layer: vd.VARSAttention, kind: str, num_tokens: int,
-                  gen: torch.Generator) -> tuple[dict, bool | None]:
-    """Leaf copies of ``layer``'s weights in :func:`reference_forward`'s layout, and whether the
-    static atoms are the layer's own (else drawn from ``gen``; None for "d", which has none)."""
-    features = next(mod for mod in layer.modules() if isinstance(mod, vd.PerformerDictionary))
+def reference_weights(layer: vd.VARSAttention) -> dict[str, torch.Tensor]:
+    """Leaf copies of ``layer``'s weights in the original's layout (as tests/test_faithful.py maps them)."""
     weights = {
-        "q_weight": layer.q.weight, "q_bias": layer.q.bias, "v_weight": layer.v.weight, "v_bias": layer.v.bias,
-        "proj_weight": layer.proj.weight, "proj_bias": layer.proj.bias,
-        "features": features.projection.transpose(-1, -2),
+        "W_qv": torch.cat([layer.q.weight, layer.v.weight]),
+        "b_qv": torch.cat([layer.q.bias, layer.v.bias]),
+        "w_feat": layer.dynamic_atoms.projection.transpose(-1, -2),  # ours (H, m, d), the original's (H, d, m)
+        "W_proj": layer.proj.weight,
+        "b_proj": layer.proj.bias,
     }
-    shared = None
-    if kind == "sd":
-        static = getattr(layer.static_atoms, "weight", None)
-        shared = isinstance(static, torch.Tensor) and static.dim() == 3
-        H, m = features.projection.shape[:2]
-        weights["static"] = static[None] if shared else torch.randn(1, H, num_tokens, m, generator=gen)
-    device = layer.v.weight.device
-    return {k: t.detach().clone().to(device).requires_grad_() for k, t in weights.items()}, shared
+    if layer.static_atoms is not None:
+        weights["static"] = layer.static_atoms.weight  # (H, N, m), taken by original_vars_sd as is
+    # the fixed features are a buffer of ours and a constant of the original's: no gradient either side
+    return {k: t.detach().clone().requires_grad_(k != "w_feat") for k, t in weights.items()}
+
+
+def reference_forward(weights: dict[str, torch.Tensor], num_heads: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """x -> the original VARS-D (no "static" weight) or VARS-SD attention on ``weights``, lam 0.3, 5 steps."""
+    w = weights
+    if "static" in w:
+        return lambda x: original_vars_sd(x, w["W_qv"], w["b_qv"], w["w_feat"], w["static"], w["W_proj"],
+                                          w["b_proj"], num_heads, lam=LAM, steps=STEPS)
+    return lambda x: original_vars_d(x, w["W_qv"], w["b_qv"], w["w_feat"], w["W_proj"], w["b_proj"], num_heads,
+                                     lam=LAM, steps=STEPS)
 
 
 # -- FLOPs ----------------------------------------------------------------------------------------
@@ -159,37 +132,68 @@ class Variant:
         (self.run(self.x) * self.w).sum().backward()
 
 
-def build_variants(shape: dict, device: torch.device) -> tuple[dict[str, Variant], dict[str, str], dict]:
-    """(variants by name, skipped name -> reason, notes)."""
+def layer_configs(shape: dict, deq: bool) -> dict[str, tuple[str, dict]]:
+    """Our variants: name -> (kind, VARSAttention keywords beyond dim, heads and qkv_bias)."""
+    faithful = {"d": {"dictionary": "d"},
+                "sd": {"dictionary": "sd", "static_atoms": "free", "num_tokens": shape["N_sd"]}}
+    configs = {f"ours_{kind}": (kind, kw) for kind, kw in faithful.items()}
+    if deq:
+        configs.update({f"ours_{kind}_deq": (kind, {**kw, "backward": vd.Implicit()}) for kind, kw in faithful.items()})
+    return configs
+
+
+def build_variants(shape: dict, device: torch.device, deq: bool = True
+                   ) -> tuple[dict[str, Variant], dict[str, vd.VARSAttention], dict[str, dict]]:
+    """(variants by name, our layers by name, the original's weights by pair)."""
     gen = torch.Generator().manual_seed(0)
     B, dim, H = shape["B"], shape["dim"], shape["heads"]
     inputs = {}
     for kind in ("d", "sd"):
         N = shape[f"N_{kind}"]
         inputs[kind] = (torch.randn(B, N, dim, generator=gen).to(device), torch.randn(B, N, dim, generator=gen).to(device))
-    configs = {
-        "ours_d": ("d", {"dictionary": "d"}),
-        "ours_sd_free": ("sd", {"dictionary": "sd", "static_atoms": "free", "num_tokens": shape["N_sd"]}),
-        "ours_sd": ("sd", {"dictionary": "sd"}),
-    }
-    variants, skipped, layers = {}, {}, {}
-    for name, (kind, kwargs) in configs.items():
-        torch.manual_seed(0)
-        try:
-            layer = vd.VARSAttention(dim, H, qkv_bias=True, **kwargs).to(device)
-        except (TypeError, ValueError) as e:  # an option this library version does not have
-            skipped[name] = f"VARSAttention(**{kwargs}) failed: {e}"
-            continue
+    variants, layers = {}, {}
+    for name, (kind, kwargs) in layer_configs(shape, deq).items():
+        torch.manual_seed(0)  # a DEQ variant has its unrolled twin's weights
+        layer = vd.VARSAttention(dim, H, qkv_bias=True, **kwargs).to(device)
         layers[name] = layer
         variants[name] = Variant(name, layer, list(layer.parameters()), *inputs[kind])
-    notes = {}
-    for name, kind, source in (("original_d", "d", "ours_d"), ("original_sd", "sd", "ours_sd_free")):
-        source = source if source in layers else "ours_sd"
-        weights, shared = layer_weights(layers[source], kind, shape["N_sd"], gen)
-        notes[name] = {"weights_from": source, "static_atoms_shared": shared}
-        variants[name] = Variant(name, lambda x, kind=kind, weights=weights: reference_forward(kind, x, weights),
-                                 list(weights.values()), *inputs[kind])
-    return variants, skipped, notes
+    weights = {}
+    for pair, (ours, original) in PAIRS.items():
+        weights[pair] = reference_weights(layers[ours])
+        variants[original] = Variant(original, reference_forward(weights[pair], H),
+                                     [t for t in weights[pair].values() if t.requires_grad], *inputs[pair])
+    return variants, layers, weights
+
+
+def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b||."""
+    return ((a - b).norm() / b.norm()).item()
+
+
+def agreement(pair: str, layer: vd.VARSAttention, weights: dict[str, torch.Tensor], ours: Variant,
+              original: Variant) -> dict[str, float]:
+    """Relative differences of the outputs and of the weight gradients (one loss <w, out>, the
+    original's gradients mapped back to the layer's parameters); raises if the outputs differ by
+    ``AGREEMENT_TOL`` or more: the timing would then compare two different layers."""
+    out_diff = relative_difference(ours.output(), original.output())
+    if not out_diff < AGREEMENT_TOL:
+        raise RuntimeError(f"{ours.name} and {original.name} disagree: relative output difference {out_diff:.3g} "
+                           f">= {AGREEMENT_TOL:g} (float32); the timing would compare different layers")
+    ours.step()
+    original.step()
+    mine = [layer.q.weight, layer.v.weight, layer.q.bias, layer.v.bias, layer.proj.weight, layer.proj.bias]
+    theirs = [weights["W_qv"], weights["b_qv"], weights["W_proj"], weights["b_proj"]]
+    if pair == "sd":
+        mine.append(layer.static_atoms.weight)
+        theirs.append(weights["static"])
+    got = torch.cat([p.grad.flatten() for p in mine])
+    want = torch.cat([t.grad.flatten() for t in theirs])
+    return {"output_rel_diff": out_diff, "weight_grad_rel_diff": relative_difference(got, want)}
+
+
+def forward_stats(layer: vd.VARSAttention) -> dict[str, float]:
+    """The latest forward's solver statistics (steps mean, residual max, converged fraction)."""
+    return {k: float(v) for k, v in layer.last_stats.items()}
 
 
 def counted_macs(variant: Variant) -> dict:
@@ -203,7 +207,7 @@ def plot(rows: dict, ratios: dict, floors: dict, path: Path, title: str) -> None
     plt = common.pyplot()
     names = list(rows)
     fig, (ax_t, ax_f) = plt.subplots(1, 2, figsize=(11, 4.4))
-    colors = ["#777777" if n.startswith("original") else "#dd8452" for n in names]
+    colors = ["#777777" if n.startswith("original") else "#4c72b0" if n.endswith("_deq") else "#dd8452" for n in names]
     ms = [rows[n]["median_s"] * 1e3 for n in names]
     bars = ax_t.bar(names, ms, color=colors)
     common.label_bars(ax_t, bars, [f"{v:.3g}" for v in ms])
@@ -228,6 +232,7 @@ def plot(rows: dict, ratios: dict, floors: dict, path: Path, title: str) -> None
 def main(argv=None) -> int:
     ap = common.parser(__doc__, default_threads=1)
     ap.add_argument("--repeats", type=int, default=20, help="timed rounds (after one untimed round)")
+    ap.add_argument("--no-deq", action="store_true", help="skip the backward=vd.Implicit() variants")
     args = ap.parse_args(argv)
     shape = QUICK_SHAPE if args.quick else SHAPE
     if args.quick:
@@ -235,21 +240,26 @@ def main(argv=None) -> int:
     if args.repeats < 1:
         ap.error("--repeats must be >= 1")
     device, out = common.setup(args)
-    variants, skipped, notes = build_variants(shape, device)
+    variants, layers, weights = build_variants(shape, device, deq=not args.no_deq)
+    skipped = {f"ours_{kind}_deq": "--no-deq" for kind in PAIRS} if args.no_deq else {}
+    checks = {pair: agreement(pair, layers[ours], weights[pair], variants[ours], variants[original])
+              for pair, (ours, original) in PAIRS.items()}
     times: dict[str, list[float]] = {n: [] for n in variants}
-    for round_ in range(args.repeats + 1):
-        for name, variant in variants.items():
-            _, seconds = common.timed(variant.step, device)
-            if round_:
-                times[name].append(seconds)
-    rows = {n: {"median_s": common.median(times[n]), "all_s": times[n], **counted_macs(v)}
-            for n, v in variants.items()}
-    ratios = {}
-    for pair, (ours, original) in PAIRS.items():
-        if ours in rows:
-            a, b = variants[ours].output(), variants[original].output()
-            ratios[pair] = {"ours": ours, "original": original, "ratio": rows[ours]["median_s"] / rows[original]["median_s"],
-                            "output_rel_diff": ((a - b).norm() / b.norm()).item()}
+    with warnings.catch_warnings():
+        # an unconverged DEQ forward warns every call; its statistics are recorded instead
+        warnings.simplefilter("ignore", vd.ConvergenceWarning)
+        for round_ in range(args.repeats + 1):
+            for name, variant in variants.items():
+                _, seconds = common.timed(variant.step, device)
+                if round_:
+                    times[name].append(seconds)
+        rows = {n: {"median_s": common.median(times[n]), "all_s": times[n], **counted_macs(v)}
+                for n, v in variants.items()}
+    for name, layer in layers.items():
+        rows[name]["forward_stats"] = forward_stats(layer)
+    ratios = {pair: {"ours": ours, "original": original, "ratio": rows[ours]["median_s"] / rows[original]["median_s"],
+                     **checks[pair]}
+              for pair, (ours, original) in PAIRS.items()}
     d, H = shape["dim"] // shape["heads"], shape["heads"]
     floors = {"d": flop_floor(shape["B"], shape["N_d"], shape["dim"], H, 2 * d, 0),
               "sd": flop_floor(shape["B"], shape["N_sd"], shape["dim"], H, 2 * d, 2 * d)}
@@ -259,10 +269,15 @@ def main(argv=None) -> int:
         "environment": common.environment(device),
         "setup": {**shape, "head_dim": d, "m": 2 * d, "lam": LAM, "steps": STEPS, "dtype": "float32",
                   "repeats": args.repeats, "order": "interleaved rounds (ABAB...), first round untimed",
-                  "call": "forward, loss = <w, out>, backward into the layer's parameters"},
+                  "call": "forward, loss = <w, out>, backward into the layer's parameters",
+                  "agreement_tol": AGREEMENT_TOL},
         "variants": rows,
         "skipped": skipped,
-        "reference": notes,
+        "reference": {original: {"weights_from": ours, "function": f"tests/reference_vars.py original_vars_{pair}",
+                                 "mapping": "W_qv = [q.weight; v.weight], b_qv = [q.bias; v.bias], w_feat = "
+                                            "dynamic_atoms.projection^T, static = static_atoms.weight, proj as is "
+                                            "(tests/test_faithful.py)"}
+                      for pair, (ours, original) in PAIRS.items()},
         "ratios": ratios,
         "flop_floor": floors,
     }
@@ -273,10 +288,12 @@ def main(argv=None) -> int:
     print(f"{'variant':14s} {'median ms':>10s} {'fwd MMACs':>10s} {'fwd+bwd MMACs':>14s}")
     for n, r in rows.items():
         print(f"{n:14s} {r['median_s'] * 1e3:10.2f} {r['forward_macs_counted'] / 1e6:10.1f} "
-              f"{r['forward_backward_macs_counted'] / 1e6:14.1f}")
+              f"{r['forward_backward_macs_counted'] / 1e6:14.1f}"
+              + (f"  forward steps {r['forward_stats']['steps']:.1f}, converged {r['forward_stats']['converged']:.0%}"
+                 if n.endswith("_deq") else ""))
     for pair, r in ratios.items():
-        print(f"{pair}: {r['ours']} / {r['original']} = {r['ratio']:.2f}x, output relative difference "
-              f"{r['output_rel_diff']:.2g}")
+        print(f"{pair}: {r['ours']} / {r['original']} = {r['ratio']:.2f}x, relative difference output "
+              f"{r['output_rel_diff']:.2g}, weight gradients {r['weight_grad_rel_diff']:.2g}")
     for kind, f in floors.items():
         print(f"floor {kind}: {f['forward_macs_dense_gram'] / 1e6:.1f} M multiply-adds per forward (dense Gram), "
               f"{f['forward_macs_structured_gram'] / 1e6:.1f} M (static Gram shared)")

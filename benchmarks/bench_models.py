@@ -33,6 +33,7 @@ Results: <out>/models.json and models.png (default out: benchmarks/results/<devi
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import sys
 import time
@@ -128,7 +129,9 @@ def measure(cfg: dict[str, Any]) -> dict[str, Any]:
         flops, _ = common.count_flops(lambda: model(image))
     info.update(gflops_per_image=flops / 1e9, gmacs_per_image=flops / 2e9)
     if hasattr(attn, "last_stats"):
-        info["solver"] = {"steps": float(attn.last_stats["steps"]), "backward": attn.vars.backward,
+        backward = attn.vars.backward  # a vd.Implicit/Unroll/Phantom dataclass: its mode and fields
+        info["solver"] = {"steps": float(attn.last_stats["steps"]),
+                          "backward": {"name": backward.name, **dataclasses.asdict(backward)},
                           "lipschitz": attn.vars.lipschitz}
     return info
 

@@ -1,6 +1,7 @@
-"""Small helpers shared by the benchmarks: the command-line options every benchmark has, the CPUs
-this process may use, device choice, synchronized timing, FLOP counting, peak memory,
-per-configuration subprocesses and result files under ``benchmarks/results/<device>/``."""
+"""Small helpers shared by the benchmarks: the command-line options every benchmark has (the device
+and the CPUs this process may use, both from :mod:`vars_deq.devices`), synchronized timing, FLOP
+counting, peak memory, per-configuration subprocesses and result files under
+``benchmarks/results/<device>/``."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import contextlib
 import ctypes
 import ctypes.util
 import json
-import math
 import os
 import re
 import resource
@@ -22,47 +22,10 @@ from typing import Any, Callable
 
 import torch
 
+from vars_deq.devices import available_cpus, device_label, select_device, set_threads
+
 RESULTS = Path(__file__).resolve().parent / "results"
-CGROUP_ROOT = Path("/sys/fs/cgroup")
 M_MMAP_THRESHOLD = -3  # glibc <malloc.h>
-
-
-# -- CPUs this process may use -------------------------------------------------------------------
-
-
-def cgroup_cpu_limit(root: Path = CGROUP_ROOT) -> float | None:
-    """CPUs allowed by the cgroup's CFS quota, quota / period, or None when unlimited or unknown.
-
-    cgroup v2: ``cpu.max`` holds "quota period" ("max period" when unlimited); cgroup v1:
-    ``cpu.cfs_quota_us`` (-1 when unlimited) and ``cpu.cfs_period_us`` under ``cpu/`` or
-    ``cpu,cpuacct/``.
-    """
-    try:
-        quota, period = (root / "cpu.max").read_text().split()[:2]
-        return None if quota == "max" else int(quota) / int(period)
-    except (OSError, ValueError):
-        pass
-    for sub in ("cpu", "cpu,cpuacct"):
-        try:
-            quota_us = int((root / sub / "cpu.cfs_quota_us").read_text())
-            period_us = int((root / sub / "cpu.cfs_period_us").read_text())
-        except (OSError, ValueError):
-            continue
-        return None if quota_us < 0 or period_us <= 0 else quota_us / period_us
-    return None
-
-
-def available_cpus(root: Path = CGROUP_ROOT) -> int:
-    """The CPUs this process may run on: its affinity mask, capped by the cgroup quota
-    (rounded down: a 1.5-CPU quota keeps one thread busy without throttling), at least 1.
-
-    torch's default thread count is the machine's core count, which oversubscribes a process
-    confined to fewer by affinity or quota (issue 12: an 11x slower training epoch)."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    limit = cgroup_cpu_limit(root)
-    if limit is not None:
-        cpus = min(cpus, math.floor(limit))
-    return max(1, cpus)
 
 
 # -- options every benchmark has ------------------------------------------------------------------
@@ -88,23 +51,11 @@ def parser(doc: str, default_threads: int | None = None) -> argparse.ArgumentPar
 
 def setup(args: argparse.Namespace) -> tuple[torch.device, Path]:
     """Apply --threads, resolve --device, create the results folder: (device, folder)."""
-    if args.threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {args.threads}")
-    torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
+    set_threads(args.threads)
+    device = select_device(args.device)
     out = Path(args.out) if args.out is not None else RESULTS / device_slug(device)
     out.mkdir(parents=True, exist_ok=True)
     return device, out
-
-
-def pick_device(name: str) -> torch.device:
-    """``auto`` is CUDA when available, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda asked for, but torch.cuda.is_available() is False")
-    return dev
 
 
 def device_slug(device: torch.device) -> str:
@@ -112,13 +63,6 @@ def device_slug(device: torch.device) -> str:
     if device.type != "cuda":
         return device.type
     return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
-
-
-def device_label(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    n = torch.get_num_threads()
-    return f"cpu ({n} thread{'s' if n != 1 else ''})"
 
 
 def sync(device: torch.device) -> None:

@@ -49,9 +49,9 @@ def main(argv=None) -> int:
     device, out = args.device, args.out
     if out is None or device == "auto":
         sys.path.insert(0, str(HERE))
-        from common import device_slug, pick_device
+        from common import device_slug, select_device
 
-        resolved = pick_device(device)
+        resolved = select_device(device)
         device = str(resolved)
         out = out if out is not None else HERE / "results" / device_slug(resolved)
     out.mkdir(parents=True, exist_ok=True)

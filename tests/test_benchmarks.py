@@ -1,6 +1,7 @@
 """The benchmarks cannot rot: every --quick mode runs (through benchmarks/run.py, each benchmark in
 its own subprocess) and writes JSON with the keys the README and the lead's scripts read, and a
-PNG; plus the helpers with a claim of their own (available_cpus, the layer benchmark's FLOP floor)."""
+PNG; plus the helpers with a claim of their own (the device helpers come from vars_deq.devices, the
+layer benchmark's FLOP floor and its check against the reference of the original code)."""
 
 from __future__ import annotations
 
@@ -22,12 +23,14 @@ sys.path.insert(0, str(BENCH))
 import bench_layer  # noqa: E402
 import common  # noqa: E402
 
+import vars_deq as vd  # noqa: E402
+
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 #: result file stem -> top-level JSON keys it must hold
 EXPECTED_KEYS = {
     "solvers": {"benchmark", "quick", "environment", "problem", "solvers", "ratios", "log10_rel_energy_gap_trace"},
-    "backward": {"benchmark", "quick", "environment", "setup", "rows", "adjoint_study", "targets"},
+    "backward": {"benchmark", "quick", "environment", "setup", "time_comparison", "rows", "adjoint_study", "targets"},
     "models": {"benchmark", "quick", "config", "environment", "results", "ratios_vs_deit", "target"},
     "flops": {"benchmark", "quick", "environment", "convention", "counted_ops", "registered_models", "models"},
     "layer": {"benchmark", "quick", "environment", "setup", "variants", "skipped", "ratios", "flop_floor"},
@@ -67,11 +70,30 @@ def test_quick_mode_writes_json_and_png(quick_results, stem):
 
 def test_backward_adjoint_study_ran_through_public_stats(quick_results):
     adj = load(quick_results[0], "backward")["adjoint_study"]
-    assert set(adj["methods"]) == {"cg", "fixed_point"}
+    assert set(adj["methods"]) == {"direct", "auto", "cg", "fixed_point"}
     cg = adj["methods"]["cg"]
     assert cg["method"] == "cg" and cg["converged"] and cg["steps_max"] >= 1
     # CG to adjoint_tol 1e-6 on a float64 equilibrium: the gradients match the closed form on the support
     assert cg["grad_q_rel_error"] < 1e-4 and cg["grad_v_rel_error"] < 1e-4
+    direct, auto = adj["methods"]["direct"], adj["methods"]["auto"]
+    assert direct["method"] == "direct" and direct["converged"] and auto["method"] in {"direct", "cg"}
+    for row in (direct, auto):  # exact to rounding on the support
+        assert row["grad_q_rel_error"] < 1e-4 and row["grad_v_rel_error"] < 1e-4
+
+
+def test_backward_interleaved_comparison_has_every_adjoint_and_both_targets(quick_results):
+    data = load(quick_results[0], "backward")
+    compare = data["time_comparison"]
+    assert compare["solver"] == "fista" and compare["loss"] == "<w, z>"
+    variants = {(r["variant"], r["steps"]) for r in compare["rows"]}
+    names = {"unroll", "implicit_direct", "implicit_auto", "implicit_cg"}
+    assert variants == {(n, k) for n in names for k in (2, 5)}  # --quick: K = 2 (backward), 5 (total)
+    for r in compare["rows"]:
+        assert r["total_s"] > 0 and (r["adjoint"] is None) == (r["variant"] == "unroll")
+        if r["adjoint"] is not None and r["variant"] != "implicit_auto":
+            assert r["adjoint"]["method"] == r["variant"].removeprefix("implicit_")
+    timed = {(t["variant"], t["steps"]) for t in data["targets"] if "variant" in t}
+    assert timed == {(n, k) for n in names - {"unroll"} for k in (2, 5)}
 
 
 def test_flops_quick_counts_digits_and_one_tiny_model(quick_results):
@@ -89,40 +111,28 @@ def test_layer_quick_pairs_ours_with_the_original(quick_results):
     assert {"ours_d", "original_d", "ours_sd", "original_sd"} <= set(data["variants"])
     assert set(data["variants"]).isdisjoint(data["skipped"])
     assert "d" in data["ratios"] and data["ratios"]["d"]["ratio"] > 0
+    for pair in ("d", "sd"):  # checked before timing, recorded in the JSON
+        assert data["ratios"][pair]["output_rel_diff"] < data["setup"]["agreement_tol"] == 1e-5
+    for name in ("ours_d_deq", "ours_sd_deq"):
+        assert data["variants"][name]["forward_stats"]["steps"] > 0
     for row in data["variants"].values():
         assert row["median_s"] > 0 and row["forward_backward_macs_counted"] > row["forward_macs_counted"] > 0
 
 
-# -- available_cpus ----------------------------------------------------------------------------------
+# -- device and threads: the library's one declaration ---------------------------------------------
+
+
+def test_common_uses_the_library_device_helpers():
+    """benchmarks/common.py declares no device or CPU logic of its own (the cgroup and affinity
+    properties are tested on vars_deq.devices in tests/test_devices.py)."""
+    from vars_deq import devices
+
+    assert common.available_cpus is devices.available_cpus and common.device_label is devices.device_label
+    assert not hasattr(common, "pick_device") and not hasattr(common, "cgroup_cpu_limit")
 
 
 def test_available_cpus_is_within_the_affinity_mask():
     assert 1 <= common.available_cpus() <= len(os.sched_getaffinity(0))
-
-
-@given(quota=st.integers(1, 64_000_000), period=st.integers(1_000, 1_000_000), v1=st.booleans())
-def test_cgroup_quota_caps_the_cpu_count(tmp_path_factory, quota, period, v1):
-    root = tmp_path_factory.mktemp("cgroup")
-    if v1:
-        (root / "cpu").mkdir()
-        (root / "cpu" / "cpu.cfs_quota_us").write_text(f"{quota}\n")
-        (root / "cpu" / "cpu.cfs_period_us").write_text(f"{period}\n")
-    else:
-        (root / "cpu.max").write_text(f"{quota} {period}\n")
-    assert common.cgroup_cpu_limit(root) == quota / period
-    assert common.available_cpus(root) == max(1, min(len(os.sched_getaffinity(0)), math.floor(quota / period)))
-
-
-@pytest.mark.parametrize("layout", ["v2 max", "v1 -1", "none"])
-def test_unlimited_cgroup_leaves_the_affinity_mask(tmp_path, layout):
-    if layout == "v2 max":
-        (tmp_path / "cpu.max").write_text("max 100000\n")
-    elif layout == "v1 -1":
-        (tmp_path / "cpu,cpuacct").mkdir()
-        (tmp_path / "cpu,cpuacct" / "cpu.cfs_quota_us").write_text("-1\n")
-        (tmp_path / "cpu,cpuacct" / "cpu.cfs_period_us").write_text("100000\n")
-    assert common.cgroup_cpu_limit(tmp_path) is None
-    assert common.available_cpus(tmp_path) == len(os.sched_getaffinity(0))
 
 
 def test_default_threads_are_the_available_cpus():
@@ -134,27 +144,57 @@ def test_default_threads_are_the_available_cpus():
     assert ap.parse_args(["--threads", "3"]).threads == 3
 
 
+@pytest.mark.parametrize("argv, match", [(["--threads", "0"], "--threads must be"), (["--device", "tpu"], "--device must be")])
+def test_setup_rejects_bad_threads_and_devices(tmp_path, argv, match):
+    args = common.parser("doc").parse_args([*argv, "--out", str(tmp_path)])
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(ValueError, match=match):
+            common.setup(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
 # -- the layer benchmark's reference and FLOP floor --------------------------------------------------------
 
 
+def _faithful_layer(kind: str, dim: int, heads: int, num_tokens: int) -> vd.VARSAttention:
+    extra = {"static_atoms": "free", "num_tokens": num_tokens} if kind == "sd" else {}
+    return vd.VARSAttention(dim, heads, qkv_bias=True, dictionary=kind, **extra)
+
+
 @given(B=st.integers(1, 3), heads=st.integers(1, 3), d=st.integers(1, 4), N=st.integers(2, 9), kind=st.sampled_from(["d", "sd"]))
-def test_flop_floor_is_what_the_reference_forward_multiplies(B, heads, d, N, kind):
-    """flop_floor's dense-Gram count is exactly the matrix-product work FlopCounterMode sees in
-    reference_forward (the update and the q, v, proj Linears), for any shape."""
+def test_flop_floor_is_what_the_original_multiplies(B, heads, d, N, kind):
+    """flop_floor's dense-Gram count is exactly the matrix-product work FlopCounterMode sees in the
+    original's forward on the layer's weights (the update and the q, v, proj Linears), for any
+    shape, plus the one product the reference spends beyond it: it forms the Gram D^T D a second
+    time for its step bound L (gershgorin_lipschitz), B H N M^2 multiply-adds."""
     dim, m = heads * d, 2 * d
-    gen = torch.Generator().manual_seed(0)
-    weights = {"q_weight": torch.randn(dim, dim, generator=gen), "q_bias": torch.randn(dim, generator=gen),
-               "v_weight": torch.randn(dim, dim, generator=gen), "v_bias": torch.randn(dim, generator=gen),
-               "proj_weight": torch.randn(dim, dim, generator=gen), "proj_bias": torch.randn(dim, generator=gen),
-               "features": torch.randn(heads, d, m, generator=gen), "static": torch.randn(1, heads, N, m, generator=gen)}
-    x = torch.randn(B, N, dim, generator=gen)
+    torch.manual_seed(0)
+    weights = bench_layer.reference_weights(_faithful_layer(kind, dim, heads, N))
+    x = torch.randn(B, N, dim)
     with torch.no_grad():
-        flops, _ = common.count_flops(lambda: bench_layer.reference_forward(kind, x, weights))
+        flops, _ = common.count_flops(lambda: bench_layer.reference_forward(weights, heads)(x))
+    M = 2 * m if kind == "sd" else m
     floor = bench_layer.flop_floor(B, N, dim, heads, m, m if kind == "sd" else 0)
-    assert flops == 2 * floor["forward_macs_dense_gram"]
+    assert flops == 2 * (floor["forward_macs_dense_gram"] + B * heads * N * M * M)
     assert floor["forward_macs_structured_gram"] <= floor["forward_macs_dense_gram"]
 
 
-def test_reference_rejects_an_unknown_kind():
-    with pytest.raises(ValueError, match="kind must be one of"):
-        bench_layer.reference_forward("s", torch.zeros(1, 4, 2), {})
+@pytest.mark.parametrize("kind", ["d", "sd"])
+def test_agreement_check_stops_a_benchmark_of_different_layers(kind):
+    """The pair agrees to float32 rounding on the mapped weights, and a perturbed original is refused."""
+    torch.manual_seed(0)
+    dim, heads, N = 12, 3, 9
+    layer = _faithful_layer(kind, dim, heads, N)
+    weights = bench_layer.reference_weights(layer)
+    x, w = torch.randn(2, N, dim), torch.randn(2, N, dim)
+    ours = bench_layer.Variant("ours", layer, list(layer.parameters()), x, w)
+    original = bench_layer.Variant("original", bench_layer.reference_forward(weights, heads),
+                                   [t for t in weights.values() if t.requires_grad], x, w)
+    diffs = bench_layer.agreement(kind, layer, weights, ours, original)
+    assert diffs["output_rel_diff"] < bench_layer.AGREEMENT_TOL and diffs["weight_grad_rel_diff"] < 1e-5
+    with torch.no_grad():
+        weights["b_proj"].add_(1e-2)
+    with pytest.raises(RuntimeError, match="disagree"):
+        bench_layer.agreement(kind, layer, weights, ours, original)
