@@ -30,7 +30,7 @@ from .problems import SparseCoding
 from .solvers import make_solver
 
 __all__ = ["capture_problems", "synthetic_problems", "mixed_batch", "compare_solvers", "per_problem_work",
-           "DEFAULT_SOLVERS", "DEFAULT_TOLS", "format_table", "target_checks", "write_json"]
+           "DEFAULT_SOLVERS", "deit_problems", "DEIT_KINDS", "DEFAULT_TOLS", "format_table", "target_checks", "write_json"]
 
 DEFAULT_SOLVERS = (
     "ista", "fista", "mfista", "fista_restart", "fista_gradient_restart",
@@ -51,9 +51,9 @@ def capture_problems(model: nn.Module, images: torch.Tensor) -> list[SparseCodin
     def hook(module, args, kwargs, output):
         x = args[0] if args else kwargs["x"]
         source = args[1] if len(args) > 1 else kwargs.get("source")
-        op = module.dictionary(x if source is None else source)
+        op = module.dictionary(x if source is None else source, num_prefix_tokens=kwargs.get("num_prefix_tokens"))
         captured.append(SparseCoding(op, x.detach(), module.lam.detach().to(x.dtype), nonneg=module.nonneg,
-                                     lipschitz=module.lipschitz, check_finite=False))
+                                     lipschitz=module.lipschitz, check_finite=False, lipschitz_margin=module.margin))
 
     handles = [m.register_forward_hook(hook, with_kwargs=True) for m in layers]
     try:
@@ -78,6 +78,25 @@ def synthetic_problems(log10_cond: float, batch: int = 32, tokens: int = 64, ato
     x = d @ (torch.randn(batch, atoms, channels, generator=g) * (torch.rand(batch, atoms, 1, generator=g) < 0.2))
     x = x + 0.1 * torch.randn(batch, tokens, channels, generator=g)
     return SparseCoding(d.to(device), x.to(device), lam)
+
+
+#: the DeiT-Tiny-scale suites: "d" (VARS-D, M = 128 atoms) and "sd" (VARS-SD, free static atoms, M = 256)
+DEIT_KINDS = ("d", "sd")
+
+
+def deit_problems(kind: str, images: torch.Tensor, seed: int = 0, device: str | torch.device = "cpu") -> SparseCoding:
+    """The problems the first VARS layer of a DeiT-Tiny VARS model (``vars_{kind}_deit_tiny_patch16_224``,
+    the original's settings, freshly initialized from ``seed``) solves on ``images`` resized to
+    3 x 224 x 224: N = 196 tokens, C = 64 channels per head, 3 heads per image; the shapes and
+    atom statistics of the problems a user's DeiT-size model solves (trained weights are not shipped)."""
+    import timm
+
+    if kind not in DEIT_KINDS:
+        raise ValueError(f"kind must be one of {DEIT_KINDS}, got {kind!r}")
+    torch.manual_seed(seed)
+    model = timm.create_model(f"vars_{kind}_deit_tiny_patch16_224", depth=1).to(device)
+    x = nn.functional.interpolate(images.to(device), size=(224, 224), mode="bilinear", align_corners=False)
+    return capture_problems(model, x.expand(-1, 3, -1, -1))[0]
 
 
 def mixed_batch(device="cpu", seed: int = 0) -> SparseCoding:

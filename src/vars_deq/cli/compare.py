@@ -28,6 +28,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tols", nargs="+", type=float, default=list(DEFAULT_TOLS), help="relative residuals")
     p.add_argument("--synthetic", nargs="*", type=float, default=[3.0],
                    help="log10 condition numbers of synthetic dense suites (none: skip)")
+    p.add_argument("--deit", nargs="*", choices=("d", "sd"), default=["d", "sd"],
+                   help="DeiT-Tiny-scale suites (N=196, C=64) with VARS-D / VARS-SD atoms (none: skip)")
+    p.add_argument("--deit-images", type=int, default=2, help="images for the DeiT-scale suites (3 problems each)")
     p.add_argument("--layers", nargs="*", type=int, default=[-1],
                    help="which VARS layers' problems (default: the last; e.g. 0 1 2 3 for all)")
     p.add_argument("--max-steps", type=int, default=500)
@@ -42,8 +45,8 @@ def run(args: argparse.Namespace) -> int:
 
     from tqdm.auto import tqdm
 
-    from ..compare import (capture_problems, compare_solvers, format_table, mixed_batch, per_problem_work,
-                           synthetic_problems, target_checks, write_json)
+    from ..compare import (capture_problems, compare_solvers, deit_problems, format_table, mixed_batch,
+                           per_problem_work, synthetic_problems, target_checks, write_json)
     from ..data import load_digits_split, load_images, model_input_size
     from ..devices import device_label
     from ..plots import plot_convergence
@@ -75,6 +78,11 @@ def run(args: argparse.Namespace) -> int:
         suites[f"captured layer {i % n} ({ckpt['model_name']})"] = captured[i]
     for c in args.synthetic:
         suites[f"synthetic cond 1e{c:g}"] = synthetic_problems(c, device=device)
+    if args.deit and args.deit_images < 1:
+        raise ValueError(f"--deit-images must be >= 1, got {args.deit_images}")
+    for kind in args.deit:
+        suites[f"deit-tiny VARS-{kind.upper()} (N=196)"] = deit_problems(
+            kind, load_digits_split()[1].tensors[0][: args.deit_images], device=device)
     results = {}
     with tqdm(total=len(suites) * len(args.solvers), desc="compare", unit="solver",
               disable=args.no_progress) as bar:
