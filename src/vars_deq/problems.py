@@ -164,6 +164,8 @@ class SparseCoding:
                 f"D's leading dims {tuple(op.batch_shape)} do not broadcast to x's problem dims {tuple(batch)}"
             )
         if not isinstance(lam, torch.Tensor):
+            if isinstance(lam, bool) or not isinstance(lam, (int, float)):
+                raise ValueError(f"lam must be a number >= 0 or a tensor, got {type(lam).__name__} {lam!r}")
             if not math.isfinite(float(lam)) or float(lam) < 0:
                 raise ValueError(f"lam must be a finite number >= 0, got {lam}")
             lam_t = torch.as_tensor(float(lam), dtype=x.dtype, device=x.device)
