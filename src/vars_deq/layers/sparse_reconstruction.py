@@ -223,15 +223,19 @@ class SparseReconstruction(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"solver={self.solver!r}, max_steps={self.max_steps}, tol={self.tol}, backward={self.backward}, "
-            f"lipschitz={self.lipschitz!r}, margin={self.margin:g}, init={self.init!r}, nonneg={self.nonneg}, learn_lam={self.learn_lam}"
+            f"lipschitz={self.lipschitz!r}, margin={self.margin:g}, init={self.init!r}, nonneg={self.nonneg}, "
+            f"learn_lam={self.learn_lam}"
         )
 
 
+def layer_options_of(fn) -> tuple[str, ...]:
+    """A layer's options: the keyword-only parameters of ``fn`` and the flat backward keywords."""
+    names = [n for n, p in inspect.signature(fn).parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    return (*names, *FLAT_BACKWARD_KEYS)
+
+
 #: the options :meth:`SparseReconstruction.configure` (and configure_layers, the CLI) can change
-RUNTIME_OPTIONS: tuple[str, ...] = tuple(
-    name for name, p in inspect.signature(SparseReconstruction.configure).parameters.items()
-    if p.kind is inspect.Parameter.KEYWORD_ONLY
-) + tuple(FLAT_BACKWARD_KEYS)
+RUNTIME_OPTIONS: tuple[str, ...] = layer_options_of(SparseReconstruction.configure)
 
 
 def _softplus_inv(y: torch.Tensor) -> torch.Tensor:

@@ -31,7 +31,6 @@ static atoms need square grids; the dynamic atoms ("d") take any token count.
 
 from __future__ import annotations
 
-import inspect
 import math
 from typing import Any, Callable
 
@@ -40,9 +39,9 @@ from torch import nn
 
 from ..dictionaries import FreeAtoms, PerformerDictionary, UnionDictionary
 from ..dictionaries.conv import STATIC_IMPLS, StaticAtoms
-from ..backward import FLAT_BACKWARD_KEYS, Backward
+from ..backward import Backward
 from ..solvers import Solver
-from .sparse_reconstruction import PRESET, SparseReconstruction
+from .sparse_reconstruction import PRESET, SparseReconstruction, layer_options_of
 
 __all__ = ["VARSAttention", "DICTIONARY_KINDS", "STATIC_ATOMS", "LAYER_OPTIONS"]
 
@@ -296,7 +295,4 @@ class VARSAttention(nn.Module):
 
 #: every VARS option of the layer (its keyword-only constructor parameters and the flat backward
 #: keywords), derived from the signature so that create_model, convert_vit and the CLI never drift
-LAYER_OPTIONS: tuple[str, ...] = tuple(
-    name for name, p in inspect.signature(VARSAttention.__init__).parameters.items()
-    if p.kind is inspect.Parameter.KEYWORD_ONLY
-) + tuple(FLAT_BACKWARD_KEYS)
+LAYER_OPTIONS: tuple[str, ...] = layer_options_of(VARSAttention.__init__)

@@ -111,8 +111,10 @@ def _digits_cfg() -> dict:
 
 _KINDS = ("s", "d", "sd")
 default_cfgs = generate_default_cfgs({
-    **{f"vars_{k}_deit_{size}_patch16_224": _cfg() for k in _KINDS for size in ("tiny", "small")},
-    **{f"performer_deit_{size}_patch16_224": _cfg() for size in ("tiny", "small")},
+    # the starred models' convolutional stem: its first convolution is patch_embed.proj.0
+    **{f"vars_{k}_deit_{size}_patch16_224": _cfg(first_conv="patch_embed.proj.0") for k in _KINDS
+       for size in ("tiny", "small")},
+    **{f"performer_deit_{size}_patch16_224": _cfg(first_conv="patch_embed.proj.0") for size in ("tiny", "small")},
     **{f"vars_{k}_digits": _digits_cfg() for k in _KINDS},
     "deit_digits": _digits_cfg(),
     "performer_digits": _digits_cfg(),
