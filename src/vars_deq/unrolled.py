@@ -65,7 +65,7 @@ class _UnrolledISTA(torch.autograd.Function):
         g_t = torch.zeros_like(g) if need_lam else None
         for k in reversed(range(ctx.steps)):
             z_next = zs[k + 1]
-            gu = torch.where(z_next != 0, g, torch.zeros_like(g))
+            gu = g.masked_fill(z_next == 0, 0)
             if need_lam:
                 g_t -= torch.sign(z_next) * gu
             w = eta * gu
