@@ -45,7 +45,7 @@ class _UnrolledISTA(torch.autograd.Function):
         zs = [z0]
         z = z0
         for _ in range(steps):
-            # the plain step's arithmetic, in its order (LassoBatch.T_from), so both paths agree bitwise
+            # the plain step's arithmetic, in its order (LassoBatch.T_from): both paths agree bitwise
             z = threshold(z - eta * (gram @ z - b), t, nonneg)
             zs.append(z)
         residual = relative_residual(zs[-2], z)
@@ -59,24 +59,27 @@ class _UnrolledISTA(torch.autograd.Function):
         gram, lam, eta, *zs = ctx.saved_tensors
         need_z0, need_gram, need_b, need_lam = ctx.needs_input_grad[:4]
         gram_t = gram.transpose(-1, -2)
-        shared = gram.shape[0] == 1 and g.shape[0] != 1
-        g_gram = torch.zeros_like(gram) if need_gram else None
+        per_problem = gram.shape[0] == g.shape[0]
+        g_gram = None
         g_b = torch.zeros_like(g) if need_b else None
         g_t = torch.zeros_like(g) if need_lam else None
         for k in reversed(range(ctx.steps)):
             z_next = zs[k + 1]
             gu = g.masked_fill(z_next == 0, 0)
             if need_lam:
-                g_t -= torch.sign(z_next) * gu
+                g_t.addcmul_(torch.sign(z_next), gu, value=-1)
             w = eta * gu
             if need_b:
                 g_b += w
             if need_gram:
-                if shared:  # one Gram for every problem: its gradient sums theirs
-                    g_gram[0] -= torch.einsum("pic,pjc->ij", w, zs[k])
+                if not per_problem:  # one Gram for every problem: its gradient sums theirs
+                    step = -torch.einsum("pic,pjc->ij", w, zs[k])[None]
+                    g_gram = step if g_gram is None else g_gram + step
+                elif g_gram is None:  # beta=0: the first step writes -w z^T without zero-filling
+                    g_gram = torch.empty_like(gram).baddbmm_(w, zs[k].transpose(-1, -2), beta=0, alpha=-1)
                 else:
                     g_gram.baddbmm_(w, zs[k].transpose(-1, -2), alpha=-1)
-            g = gu - gram_t @ w
+            g = torch.baddbmm(gu, gram_t, w, alpha=-1) if per_problem else gu - gram_t @ w
         g_lam = (eta * g_t).sum_to_size(lam.shape) if need_lam else None
         return (g if need_z0 else None), g_gram, g_b, g_lam, None, None, None
 
