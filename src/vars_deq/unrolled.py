@@ -42,12 +42,14 @@ class _UnrolledISTA(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z0, gram, b, lam, eta, steps, nonneg):
         t = eta * lam
+        keep = any(ctx.needs_input_grad[:4])  # without a backward only the last two iterates are needed
         zs = [z0]
-        z = z0
         for _ in range(steps):
             # the plain step's arithmetic, in its order (LassoBatch.T_from): both paths agree bitwise
-            z = threshold(z - eta * (gram @ z - b), t, nonneg)
-            zs.append(z)
+            zs.append(threshold(zs[-1] - eta * (gram @ zs[-1] - b), t, nonneg))
+            if not keep:
+                del zs[:-2]
+        z = zs[-1]
         residual = relative_residual(zs[-2], z)
         ctx.mark_non_differentiable(residual)
         ctx.save_for_backward(gram, lam, eta, *zs)
