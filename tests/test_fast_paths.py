@@ -156,6 +156,17 @@ def test_unrolled_ista_matches_autograd_through_the_loop(case):
         torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10, msg=name)
 
 
+@given(case=unroll_problems())
+def test_unrolled_ista_without_gradient_is_the_same_forward(case):
+    z0, gram, b, lam, eta, steps, nonneg, _ = case
+    with torch.no_grad():
+        z, residual = unrolled.unrolled_ista(z0, gram, b, lam, eta, steps, nonneg)
+        ref = _plain_unroll(z0, gram, b, lam, eta, steps, nonneg)
+        prev = _plain_unroll(z0, gram, b, lam, eta, steps - 1, nonneg)
+    torch.testing.assert_close(z, ref, rtol=0, atol=0)
+    torch.testing.assert_close(residual, vd.problems.relative_residual(prev, ref))
+
+
 @pytest.mark.parametrize("nonneg", [False, True])
 @pytest.mark.parametrize("shared", [False, True])
 def test_unrolled_ista_gradcheck(nonneg, shared):
