@@ -209,11 +209,13 @@ def _run_layer(layer, x, w, enabled, monkeypatch):
 
 
 @pytest.mark.parametrize("kind", sorted(LAYERS))
-@pytest.mark.parametrize("learn_lam", [False, True])
-def test_layer_fast_path_matches_the_plain_loop(kind, learn_lam, monkeypatch):
+@pytest.mark.parametrize("options", [{}, {"learn_lam": True}, {"init": "encode", "nonneg": True, "learn_lam": True},
+                                     {"init": "zeros", "lipschitz": "power", "max_steps": 2}])
+def test_layer_fast_path_matches_the_plain_loop(kind, options, monkeypatch):
     torch.manual_seed(0)
+    learn_lam = options.get("learn_lam", False)
     # 6 features: M = 6 + 16 < 2N, so the union keeps its Gram (with 2 * head_dim = 16 it would not)
-    layer = vd.VARSAttention(24, 3, qkv_bias=True, num_features=6, learn_lam=learn_lam, **LAYERS[kind]).double()
+    layer = vd.VARSAttention(24, 3, qkv_bias=True, num_features=6, **options, **LAYERS[kind]).double()
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(2, 16, 24, generator=gen, dtype=F64)
     w = torch.randn(2, 16, 24, generator=gen, dtype=F64)
