@@ -12,9 +12,10 @@ the transposed steps are, for k = K - 1, ..., 0,
     w_k = eta m_k g_{k+1},    g_k = m_k g_{k+1} - G^T w_k,
 
 and dL/dz_0 = g_0, dL/db = sum_k w_k, dL/dG = -sum_k w_k z_k^T, dL/dlam = eta sum_k (-sign(z_{k+1}) g_{k+1})
-(summed to lam's shape). The node keeps the K + 1 iterates, which hold the supports and signs;
-autograd through the plain loop keeps about four tensors of the codes' size per step (the
-product's input, the pre-threshold value, its sign and the thresholded magnitude).
+(summed to lam's shape). The node keeps the K + 1 iterates (two without a gradient to take),
+which hold the supports and signs; autograd through the plain loop keeps about four tensors of
+the codes' size per step (the product's input, the pre-threshold value, its sign and the
+thresholded magnitude).
 
 :func:`unrolled_sparse_code` is the layer's entry: it runs this node where it gives the same
 result as :func:`vars_deq.sparse_code` (ISTA, fixed steps, unrolled backward, an operator with a
@@ -106,7 +107,8 @@ def unrolled_sparse_code(problem: SparseCoding, solver: str | Solver, backward: 
     if not ENABLED or tol is not None or isinstance(max_steps, bool) or not isinstance(max_steps, int) \
             or max_steps < 1:
         return None
-    if type(make_solver(solver)) is not ISTA or not isinstance(make_backward(backward), Unroll):
+    solver = make_solver(solver)
+    if type(solver) is not ISTA or not isinstance(make_backward(backward), Unroll):
         return None
     if torch.is_autocast_enabled(problem.x.device.type):
         return None
@@ -116,6 +118,6 @@ def unrolled_sparse_code(problem: SparseCoding, solver: str | Solver, backward: 
         return None
     z, residual = unrolled_ista(initial_codes(problem, z0), gram, flat.b, flat.lam, flat.eta, max_steps, flat.nonneg)
     steps = torch.full((z.shape[0],), max_steps, dtype=torch.long, device=z.device)
-    sol = package(problem.batch_shape, problem.code_shape, z, steps, residual, None, None, make_solver(solver),
-                  max_steps, tol, energy_fn=lambda: problem.energy(z.detach().reshape(problem.code_shape)))
+    sol = package(problem.batch_shape, problem.code_shape, z, steps, residual, None, None, solver, max_steps, tol,
+                  energy_fn=lambda: problem.energy(z.detach().reshape(problem.code_shape)))
     return sol.z, sol
