@@ -78,11 +78,10 @@ class _UnrolledISTA(torch.autograd.Function):
                 if not per_problem:  # one Gram for every problem: its gradient sums theirs
                     step = -torch.einsum("pic,pjc->ij", w, zs[k])[None]
                     g_gram = step if g_gram is None else g_gram + step
-                # out of place: FlopCounterMode does not count the in-place baddbmm_
                 elif g_gram is None:
                     g_gram = torch.bmm(w.neg(), zs[k].transpose(-1, -2))
-                else:
-                    g_gram = torch.baddbmm(g_gram, w, zs[k].transpose(-1, -2), alpha=-1)
+                else:  # in place through out=, which FlopCounterMode counts (it does not count baddbmm_)
+                    torch.baddbmm(g_gram, w, zs[k].transpose(-1, -2), alpha=-1, out=g_gram)
             g = torch.baddbmm(gu, gram_t, w, alpha=-1) if per_problem else gu - gram_t @ w
         g_lam = (eta * g_t).sum_to_size(lam.shape) if need_lam else None
         return (g if need_z0 else None), g_gram, g_b, g_lam, None, None, None
