@@ -68,7 +68,8 @@ class _UnrolledISTA(torch.autograd.Function):
         g_t = torch.zeros_like(g) if need_lam else None
         for k in reversed(range(ctx.steps)):
             z_next = zs[k + 1]
-            gu = g.masked_fill(z_next == 0, 0)
+            # after the first step g is this backward's own tensor: mask it in place
+            gu = g.masked_fill(z_next == 0, 0) if k == ctx.steps - 1 else g.masked_fill_(z_next == 0, 0)
             if need_lam:
                 g_t.addcmul_(torch.sign(z_next), gu, value=-1)
             w = eta * gu
