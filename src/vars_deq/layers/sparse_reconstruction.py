@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import unrolled
 from ..backward import FLAT_BACKWARD_KEYS, Backward, Implicit, make_backward, sparse_code
 from ..dictionaries.base import check_lipschitz_mode
 from ..equilibrium import INITS, REPORT_TOL, Solution, SolveStats, check_loop_args
@@ -205,8 +206,11 @@ class SparseReconstruction(nn.Module):
         lam = self.lam.to(device=x.device, dtype=x.dtype)
         problem = SparseCoding(op, x, lam, nonneg=self.nonneg, lipschitz=self.lipschitz,
                                check_finite=self.check_finite, lipschitz_margin=self.margin)
-        z, sol = sparse_code(problem, solver=self.solver, backward=self.backward, max_steps=self.max_steps,
-                             tol=self.tol, z0=self.init, return_solution=True)
+        # the original forward (ISTA, fixed steps, unrolled) as one autograd node where it applies
+        fast = unrolled.unrolled_sparse_code(problem, self.solver, self.backward, self.max_steps, self.tol, self.init)
+        z, sol = fast if fast is not None else sparse_code(
+            problem, solver=self.solver, backward=self.backward, max_steps=self.max_steps, tol=self.tol, z0=self.init,
+            return_solution=True)
         stats = sol.stats
         tol = REPORT_TOL if self.tol is None else self.tol
         self.last_stats = {
