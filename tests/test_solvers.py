@@ -389,7 +389,9 @@ def test_fixed_step_ista_is_the_iterated_prox_grad_map(case, steps, z0):
         z = prob.prox_grad(z)
     sol = vd.solve(prob, "ista", max_steps=steps, tol=None, z0=z0)
     scale = z.abs().amax() + 1e-6
-    atol = 1e-12 if case.dtype == torch.float64 else 1e-5
+    # float32: a step cancels terms up to cond x larger than its output, so rounding of different
+    # (equally valid) product orders shows at ~1e-5 of the output
+    atol = 1e-12 if case.dtype == torch.float64 else 1e-4
     torch.testing.assert_close(sol.z / scale, z / scale, rtol=0, atol=atol)
 
 
