@@ -258,7 +258,7 @@ def test_lasso_implicit_gradient_matches_finite_differences(seed, nonneg, frac):
         z_S = G_SS^{-1} (D_S^T x - lam s),    z = 0 off S,    G = D^T D,
 
     so for L = <w, z*>: dL/dx = D_S G_SS^{-1} w_S = eta D_S u_S with eta G_SS u_S = w_S (the
-    adjoint system of the map T at its fixed point, DESIGN.md section 6), and
+    adjoint system of the map T at its fixed point), and
     dz_S/dlam = -G_SS^{-1} s (support_solve with eta = 1 and rhs -s). z* is piecewise linear in
     (x, lam), so central differences are exact inside one support region: the tolerance only
     covers the forward's accuracy."""

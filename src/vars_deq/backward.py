@@ -13,9 +13,10 @@ fields at construction and has one method, ``attach``, which both :func:`sparse_
 defaults: ``backward="implicit"`` is ``Implicit()``.
 
 - ``implicit``: u from an adjoint solve. For the lasso map J = M (I - eta G) with M the active
-  mask, so on the support eta G_SS u_S = g_S (symmetric positive definite: conjugate gradient,
-  batched over problems and code columns; DESIGN.md section 6). Generic maps use a fixed-point
-  or Anderson adjoint solve with J^T v from ``torch.func.vjp``.
+  mask, so on the support eta G_SS u_S = g_S (symmetric positive definite: a batched Cholesky of
+  each code column's support Gram, or conjugate gradient, batched over problems and code
+  columns). Generic maps use a fixed-point or Anderson adjoint solve with J^T v from
+  ``torch.func.vjp``.
 - ``unroll``: backprop through every forward step (what the original VARS code does).
 - ``phantom``: k - 1 damped steps z <- (1 - tau) z + tau T(z) from the detached equilibrium and
   one final T (Geng et al., "On Training Implicit Models", NeurIPS 2021); k = 1 is Jacobian-free
@@ -93,7 +94,7 @@ class Implicit(Backward):
         adjoint: "auto" (default: for lasso problems "direct" or "cg", whichever the flop counts of
             :func:`~vars_deq.direct_adjoint.choose_adjoint` favour; "anderson" for generic maps),
             "direct" (batched Cholesky of each code column's support Gram, exact to rounding),
-            "cg" on the lasso's active set (DESIGN.md section 6), "fixed_point" or "anderson" on
+            "cg" on the lasso's active set (the same support system), "fixed_point" or "anderson" on
             u = g + J^T u.
         tol: the adjoint's residual, relative to the right-hand side g.
         max_steps: most adjoint iterations.

@@ -1,7 +1,7 @@
 """A direct adjoint on the active set of the lasso map, and the cost model that picks it or CG.
 
 At a lasso fixed point the implicit backward needs, per problem p and code column c with support
-S = {i : mask[p, i, c]} (DESIGN.md section 6),
+S = {i : mask[p, i, c]} (the rows of the adjoint system on the support; vars_deq.backward),
 
     A u_S = rhs_S,    A = eta_p G_p[S, S] + ridge I,    u = 0 off S,    G_p = D_p^T D_p.
 
