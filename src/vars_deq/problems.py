@@ -21,7 +21,7 @@ from .dictionaries.base import DictionaryOperator, check_lipschitz_mode
 from .dictionaries.dense import DenseOperator
 from .prox import active_mask, threshold
 
-__all__ = ["SparseCoding", "LassoBatch"]
+__all__ = ["SparseCoding"]
 
 _EPS = 1e-12
 

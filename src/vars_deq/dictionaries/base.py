@@ -14,7 +14,7 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["DictionaryOperator", "LIPSCHITZ_MODES", "check_lipschitz_mode", "POWER_SAFETY"]
+__all__ = ["DictionaryOperator", "LIPSCHITZ_MODES", "POWER_SAFETY"]
 
 LIPSCHITZ_MODES = ("exact", "power", "gershgorin")
 
