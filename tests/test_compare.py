@@ -103,7 +103,7 @@ def test_plot_draws_every_solver_and_the_tolerance(results, tmp_path, monkeypatc
 def test_compare_command_end_to_end(tmp_path, capsys):
     out = tmp_path / "cmp"
     code = cli.main(["compare", "--solvers", "ista", "anderson", "torchdeq_broyden", "--tols", "1e-2", "1e-4",
-                     "--synthetic", "--max-steps", "20", "--num-images", "2", "--output", str(out),
+                     "--synthetic", "--deit", "--max-steps", "20", "--num-images", "2", "--output", str(out),
                      "--no-progress", "--threads", "1", "--device", "cpu"])
     assert code == 0
     printed = capsys.readouterr().out

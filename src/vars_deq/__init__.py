@@ -1,21 +1,12 @@
 """vars_deq: VARS attention (recurrent sparse reconstruction) as a deep-equilibrium layer.
 
-Importing the package registers the VARS models with timm (``timm.create_model("vars_sd_digits")``).
+The public names load on first use (``vd.SparseCoding``, ``from vars_deq import ...``), so that
+``import vars_deq`` and the ``vars-deq`` command's start-up stay light. That first use also
+registers the VARS models with timm, as does ``import vars_deq.models``; when timm is already
+imported, ``import vars_deq`` registers them at once.
 """
 
-from .backward import ADJOINTS, BACKWARDS, Backward, ConvergenceError, Implicit, Phantom, Unroll, fixed_point, sparse_code
-from .dictionaries import (
-    ConvDictionary,
-    DenseDictionary,
-    DictionaryOperator,
-    PerformerDictionary,
-    UnionDictionary,
-)
-from .equilibrium import ConvergenceWarning, Solution, SolveStats, solve
-from .layers import SparseReconstruction, VARSAttention, configure_layers, layer_stats
-from .problems import SparseCoding
-from .solvers import FISTA, ISTA, SOLVERS, Anderson, Solver, TorchDEQSolver, make_solver
-from .models import attention_maps, convert_vit  # noqa: E402  (also registers the models with timm)
+import sys
 
 __version__ = "0.1.0"
 
@@ -53,3 +44,20 @@ __all__ = [
     "convert_vit",
     "attention_maps",
 ]
+
+
+def __getattr__(name: str):
+    if name in __all__:
+        from . import api
+
+        globals().update({n: getattr(api, n) for n in __all__})
+        return globals()[name]
+    raise AttributeError(f"module 'vars_deq' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
+
+if "timm" in sys.modules:  # timm is there anyway: register the models now, as an eager import would
+    from . import models  # noqa: F401,E402

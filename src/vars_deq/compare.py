@@ -91,6 +91,8 @@ def deit_problems(kind: str, images: torch.Tensor, seed: int = 0, device: str | 
     atom statistics of the problems a user's DeiT-size model solves (trained weights are not shipped)."""
     import timm
 
+    from . import models  # noqa: F401  (registers the VARS models with timm)
+
     if kind not in DEIT_KINDS:
         raise ValueError(f"kind must be one of {DEIT_KINDS}, got {kind!r}")
     torch.manual_seed(seed)

@@ -111,7 +111,7 @@ def unrolled_sparse_code(problem: SparseCoding, solver: str | Solver, backward: 
     solver = make_solver(solver)
     if type(solver) is not ISTA or not isinstance(make_backward(backward), Unroll):
         return None
-    if torch.is_autocast_enabled(problem.x.device.type):
+    if problem.x.is_meta or torch.is_autocast_enabled(problem.x.device.type):  # meta: no autocast to ask
         return None
     flat = problem.flat()
     gram = getattr(flat.op, "gram", None)

@@ -1,0 +1,15 @@
+"""The public API, imported on first use of any ``vars_deq.<name>`` (see the package docstring)."""
+
+from .backward import ADJOINTS, BACKWARDS, Backward, ConvergenceError, Implicit, Phantom, Unroll, fixed_point, sparse_code
+from .dictionaries import (
+    ConvDictionary,
+    DenseDictionary,
+    DictionaryOperator,
+    PerformerDictionary,
+    UnionDictionary,
+)
+from .equilibrium import ConvergenceWarning, Solution, SolveStats, solve
+from .layers import SparseReconstruction, VARSAttention, configure_layers, layer_stats
+from .problems import SparseCoding
+from .solvers import FISTA, ISTA, SOLVERS, Anderson, Solver, TorchDEQSolver, make_solver
+from .models import attention_maps, convert_vit  # also registers the models with timm
