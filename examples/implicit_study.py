@@ -23,7 +23,8 @@ optimizer state are not counted; the gradients are, as they are allocated inside
 Writes PATH (default benchmarks/results/cpu/implicit_study.json, one record per method and seed)
 and the figure next to it (.png: accuracy against epoch and against training time, peak memory per
 method), and prints a table as mean +- std over seeds. Runs live under --runs; a run with a
-summary.json there is reused, one with only a checkpoint is resumed.
+summary.json there is reused (its record says "reused": its times are those of the run that trained it),
+one with only a checkpoint is resumed.
 """
 
 from __future__ import annotations
@@ -144,7 +145,8 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
 
     set_threads(job["threads"])
     out = Path(job["output"])
-    if not (out / "summary.json").exists():
+    reused = (out / "summary.json").exists()
+    if not reused:
         dataset = {"dataset": "imagefolder", "data_dir": job["data_dir"]} if job["data_dir"] else {}
         train(TrainConfig(model=MODEL, layer_options=dict(METHODS[job["method"]]), epochs=job["epochs"],
                           seed=job["seed"], output=str(out), device="cpu", progress=False,
@@ -158,6 +160,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     reached = next((elapsed[i] for i, a in enumerate(acc) if a >= TARGET_ACC), None)
     return {
         "method": job["method"], "seed": job["seed"], "layer_options": METHODS[job["method"]],
+        "run": str(out), "reused": reused,
         "epoch": [h["epoch"] for h in history], "test_acc": acc, "train_acc": [h["train_acc"] for h in history],
         "epoch_time_s": [h["epoch_time_s"] for h in history], "train_time_s": elapsed,
         "solver_steps": [h["solver_steps"] for h in history],
