@@ -116,8 +116,9 @@ def main(argv: list[str] | None = None) -> int:
         },
         "setup": {
             "model": MODEL, "epochs": args.epochs, "seeds": seeds,
-            "data": (f"digits subset: the first {QUICK_PER_CLASS} training and {QUICK_TEST_PER_CLASS} test images per class, as an image folder"
-                     if args.quick else "scikit-learn digits (bundled), the library's 80/20 split"),
+            "data": (f"digits subset: the first {QUICK_PER_CLASS} training and {QUICK_TEST_PER_CLASS} test images "
+                     "per class, as an image folder" if args.quick
+                     else "scikit-learn digits (bundled), the library's 80/20 split"),
             "methods": {m: METHODS[m] for m in args.methods},
             "target_acc": TARGET_ACC,
             "time": "the trainer's epoch_time_s (optimizer steps of the epoch; evaluation excluded), cumulated",
@@ -233,8 +234,8 @@ def markdown(rows: list[dict[str, Any]], epochs: int) -> str:
     lines = [
         f"VARS-SD on digits, {epochs} epochs, mean +- std over the seeds; time: training only (evaluation excluded)",
         "",
-        f"| method | best acc (%) | final acc (%) | time to {100 * TARGET_ACC:g}% (s) | s/epoch | peak step memory (MiB) "
-        "| forward steps (last epoch) | converged (last epoch) | seeds |",
+        f"| method | best acc (%) | final acc (%) | time to {100 * TARGET_ACC:g}% (s) | s/epoch "
+        "| peak step memory (MiB) | forward steps (last epoch) | converged (last epoch) | seeds |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -247,7 +248,8 @@ def markdown(rows: list[dict[str, Any]], epochs: int) -> str:
         lines.append(
             f"| {r['method']} | {pm(r['best_acc'], 100)} | {pm(r['final_acc'], 100)} | {reach} "
             f"| {pm(r['s_per_epoch'], fmt='.1f')} | {pm(r['peak_step_mib'], fmt='.1f')} "
-            f"| {pm(r['final_solver_steps'], fmt='.1f')} | {pm(r['final_solver_converged'], fmt='.3f')} | {r['seeds']} |")
+            f"| {pm(r['final_solver_steps'], fmt='.1f')} | {pm(r['final_solver_converged'], fmt='.3f')} "
+            f"| {r['seeds']} |")
     return "\n".join(lines)
 
 
@@ -307,7 +309,8 @@ def _quick_data(root: Path) -> str:
     from vars_deq.data import load_digits_split
 
     if not (root / "done").exists():
-        for split, ds, per_class in zip(("train", "test"), load_digits_split(), (QUICK_PER_CLASS, QUICK_TEST_PER_CLASS)):
+        per_split = (QUICK_PER_CLASS, QUICK_TEST_PER_CLASS)
+        for split, ds, per_class in zip(("train", "test"), load_digits_split(), per_split):
             images, labels = ds.tensors
             for c in range(10):
                 (root / split / str(c)).mkdir(parents=True, exist_ok=True)
