@@ -536,9 +536,10 @@ class _Trainer:
         }
         if self.info.is_main:
             if self.history:
-                from .plots import plot_curves
+                from .plots import describe_layers, plot_curves
 
-                plot_curves(self.history, self.out / "curves.png", title=self.cfg.model)
+                plot_curves(self.history, self.out / "curves.png", title=self.cfg.model,
+                            layers=describe_layers(self.model), num_classes=self.data.num_classes)
             atomic_write_bytes(self.out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
         return summary
 
