@@ -324,3 +324,13 @@ def _fresh_convergence_counts():
     UNCONVERGED_BACKWARDS.clear()
     UNCONVERGED_ADJOINTS.clear()
     yield
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread: the machine's 2 shared cores are not oversubscribed, and in-process runs
+    match the CLI subprocesses the tests start with --threads 1."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

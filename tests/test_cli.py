@@ -13,16 +13,12 @@ from vars_deq.cli import evaluate as cli_evaluate
 from vars_deq.cli import train as cli_train
 from vars_deq.train import load_checkpoint, parse_model_kwargs
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY = dict(img_size=8, patch_size=4, in_chans=1, num_classes=10, embed_dim=32, depth=1, num_heads=2)
 MODEL = ["--model", "vit_tiny_patch16_224", "--model-kwargs", *[f"{k}={v}" for k, v in TINY.items()]]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -9,15 +9,11 @@ from vars_deq import cli
 from vars_deq.compare import compare_solvers, format_table, synthetic_problems, target_checks
 from vars_deq.plots import plot_convergence
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TOLS = (1e-2, 1e-4, 1e-6)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -12,16 +12,11 @@ import vars_deq as vd
 from vars_deq.data import load_digits_split
 from vars_deq.eval import CORRUPTIONS, FAMILIES, SEVERITIES, corrupt, evaluate_model, format_table, pgd_attack
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY = dict(img_size=8, patch_size=4, in_chans=1, num_classes=10, embed_dim=32, depth=1, num_heads=2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # 2 shared cores: one intra-op thread avoids oversubscription
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

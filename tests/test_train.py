@@ -27,6 +27,8 @@ from vars_deq.train import (
 )
 from vars_deq.train.trainer import FAULT_EXIT_ENV
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY = dict(img_size=8, patch_size=4, in_chans=1, num_classes=10, embed_dim=32, depth=1, num_heads=2)
 VIT = "vit_tiny_patch16_224"
 
@@ -88,13 +90,6 @@ def tinynan_testonly(pretrained=False, **kwargs):
 # ---------------------------------------------------------------- helpers
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # 2 shared cores: one intra-op thread avoids oversubscription, and matches the subprocesses
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _config(out, **kw):
