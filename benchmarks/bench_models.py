@@ -33,6 +33,7 @@ Results: <out>/models.json and models.png (default out: benchmarks/results/<devi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import sys
@@ -98,23 +99,20 @@ def measure(cfg: dict[str, Any]) -> dict[str, Any]:
         common.sync(device)
         base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-    else:
-        base = common.rss_status()["VmRSS"]
-        info["peak_reset"] = common.reset_peak_rss()
+    rss = contextlib.nullcontext() if device.type == "cuda" else common.PeakRSS()
     wall, cpu = [], []
-    for i in range(cfg["warmup"] + cfg["steps"]):
-        c0 = time.process_time()
-        _, t = common.timed(lambda: train_step(model, opt, x, y), device)
-        if i >= cfg["warmup"]:
-            wall.append(t)
-            cpu.append(time.process_time() - c0)
+    with rss:
+        for i in range(cfg["warmup"] + cfg["steps"]):
+            c0 = time.process_time()
+            _, t = common.timed(lambda: train_step(model, opt, x, y), device)
+            if i >= cfg["warmup"]:
+                wall.append(t)
+                cpu.append(time.process_time() - c0)
     if device.type == "cuda":
         info["peak_mem_mib"] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
         info["peak_mem_total_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     else:
-        status = common.rss_status()
-        info["peak_mem_mib"] = status["VmHWM"] - base
-        info["peak_mem_total_mib"] = status["VmHWM"]
+        info.update(peak_mem_mib=rss.delta_mib, peak_mem_total_mib=rss.peak_mib, memory_source=rss.source)
     step = common.median(wall)
     info.update(
         step_s=step,

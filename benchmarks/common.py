@@ -15,6 +15,7 @@ import re
 import resource
 import statistics
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -104,13 +105,66 @@ def rss_status() -> dict[str, float] | None:
 
 
 def reset_peak_rss() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0, /proc/self/clear_refs); False if unavailable."""
+    """Reset VmHWM to the current RSS (Linux >= 4.0, /proc/self/clear_refs).
+
+    False where that is refused or silently ignored (some containers): then VmHWM still holds an
+    earlier peak, which the check after the write detects.
+    """
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
     except OSError:
         return False
-    return True
+    status = rss_status()
+    return status is not None and status["VmHWM"] - status["VmRSS"] < 1.0
+
+
+class PeakRSS:
+    """Peak resident memory of this process while the block runs, and the RSS when it began (MiB).
+
+    Where the kernel lets VmHWM be reset the peak is exact; elsewhere a thread samples VmRSS every
+    ``interval`` seconds, which can miss a peak shorter than that (``source`` says which ran).
+    """
+
+    def __init__(self, interval: float = 5e-4):
+        self.interval = interval
+        self.base_mib = self.peak_mib = 0.0
+        self.source = ""
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _sample(self) -> None:
+        page_mib = os.sysconf("SC_PAGE_SIZE") / 2**20
+        with open("/proc/self/statm") as f:
+            while not self._stop.is_set():
+                f.seek(0)
+                self.peak_mib = max(self.peak_mib, int(f.read().split()[1]) * page_mib)
+                time.sleep(self.interval)
+
+    def __enter__(self) -> "PeakRSS":
+        status = rss_status()
+        if status is None:
+            raise RuntimeError("peak memory on CPU needs /proc/self/status (Linux)")
+        self.base_mib = self.peak_mib = status["VmRSS"]
+        if reset_peak_rss():
+            self.source = "VmHWM (reset at the start)"
+        else:
+            self.source = f"VmRSS sampled every {self.interval * 1e3:g} ms (VmHWM cannot be reset here)"
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._thread is None:
+            self.peak_mib = rss_status()["VmHWM"]
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak_mib = max(self.peak_mib, rss_status()["VmRSS"])
+
+    @property
+    def delta_mib(self) -> float:
+        return self.peak_mib - self.base_mib
 
 
 def run_forked(fn: Callable[[Any], dict[str, Any]], arg: Any) -> dict[str, Any]:

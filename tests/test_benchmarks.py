@@ -10,6 +10,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -198,3 +199,21 @@ def test_agreement_check_stops_a_benchmark_of_different_layers(kind):
         weights["b_proj"].add_(1e-2)
     with pytest.raises(RuntimeError, match="disagree"):
         bench_layer.agreement(kind, layer, weights, ours, original)
+
+
+@pytest.mark.parametrize("resettable", [True, False])
+def test_peak_rss_sees_a_short_lived_allocation_with_or_without_a_resettable_high_water_mark(monkeypatch, resettable):
+    """CI's containers refuse /proc/self/clear_refs: the sampled fallback must still see the peak."""
+    if common.rss_status() is None:
+        pytest.skip("needs /proc/self/status (Linux)")
+    if not resettable:
+        monkeypatch.setattr(common, "reset_peak_rss", lambda: False)
+    elif not common.reset_peak_rss():
+        pytest.skip("this kernel does not let VmHWM be reset")
+    size_mib = 256
+    with common.PeakRSS() as rss:
+        block = torch.ones(size_mib * 2**18)  # float32: 4 bytes each, every page touched
+        time.sleep(0.02)
+        del block
+    assert ("sampled" in rss.source) != resettable
+    assert size_mib * 0.9 <= rss.delta_mib < size_mib * 2, rss.delta_mib
