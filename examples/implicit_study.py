@@ -303,22 +303,9 @@ def plot(records: list[dict[str, Any]], path: Path, epochs: int) -> None:
 
 
 def _quick_data(root: Path) -> str:
-    """A small class-balanced digits subset as an image folder (root/train, root/test), written once."""
-    from PIL import Image
+    from vars_deq.data import write_digits_folder
 
-    from vars_deq.data import load_digits_split
-
-    if not (root / "done").exists():
-        per_split = (QUICK_PER_CLASS, QUICK_TEST_PER_CLASS)
-        for split, ds, per_class in zip(("train", "test"), load_digits_split(), per_split):
-            images, labels = ds.tensors
-            for c in range(10):
-                (root / split / str(c)).mkdir(parents=True, exist_ok=True)
-                for k, i in enumerate((labels == c).nonzero().flatten()[:per_class].tolist()):
-                    pixels = (images[i, 0] * 255).round().byte().numpy()
-                    Image.fromarray(pixels).save(root / split / str(c) / f"{k}.png")
-        (root / "done").touch()
-    return str(root)
+    return str(write_digits_folder(root, QUICK_PER_CLASS, QUICK_TEST_PER_CLASS))
 
 
 if __name__ == "__main__":

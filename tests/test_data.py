@@ -125,3 +125,41 @@ def test_bad_dataset_arguments():
         build_datasets("mnist")
     with pytest.raises(ValueError, match="no --data-dir"):
         build_datasets("digits", "/tmp")
+
+
+def write_fake_cifar10(root, per_batch: int = 4, seed: int = 0):
+    """A tiny folder in CIFAR-10's python-pickle layout: 5 training batches and a test batch."""
+    import pickle
+
+    import numpy as np
+
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+                 b"labels": [int(v) for v in rng.integers(0, 10, per_batch)]}
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f)
+    return root
+
+
+def test_cifar10_python_pickle_layout_is_read_channel_first(tmp_path):
+    import pickle
+
+    root = write_fake_cifar10(tmp_path)
+    d = build_datasets("cifar10", root)
+    assert (len(d.train), len(d.test), d.num_classes, d.input_size) == (20, 4, 10, (3, 32, 32))
+    with open(root / "cifar-10-batches-py" / "test_batch", "rb") as f:
+        batch = pickle.load(f, encoding="bytes")
+    image, label = d.test[1]
+    # the layout stores each image as 1024 red, then 1024 green, then 1024 blue bytes, row-major
+    expected = torch.tensor(batch[b"data"][1].reshape(3, 32, 32), dtype=torch.float32) / 255
+    assert torch.equal(image, expected) and label == batch[b"labels"][1]
+
+
+def test_corrupt_cifar10_batch_names_the_file(tmp_path):
+    root = write_fake_cifar10(tmp_path)
+    (root / "cifar-10-batches-py" / "data_batch_3").write_bytes(b"not a pickle")
+    with pytest.raises(DataError, match="data_batch_3"):
+        build_datasets("cifar10", root)

@@ -9,8 +9,8 @@ trained from scratch learns its own input scale in the patch embedding.
 - ``imagefolder``: ``torchvision.datasets.ImageFolder`` under ``data_dir``. If ``data_dir`` has
   ``train/`` and ``val/`` (or ``test/``) subfolders those are the splits; otherwise one folder of
   class subfolders is split 80/20 stratified with the same fixed seed.
-- ``cifar10``: ``torchvision.datasets.CIFAR10(data_dir, download=False)`` (the extracted
-  ``cifar-10-batches-py`` folder must already be there).
+- ``cifar10``: the python-pickle layout under ``data_dir/cifar-10-batches-py`` (data_batch_1..5
+  and test_batch, as extracted from the official archive; nothing is downloaded), read directly.
 
 Images are resized (bilinear, antialiased) to the model's input size and converted to its number
 of channels (RGB -> gray by luminance, gray -> RGB by repetition), so any model takes any dataset.
@@ -33,6 +33,7 @@ __all__ = [
     "DataSplits",
     "build_datasets",
     "load_digits_split",
+    "write_digits_folder",
     "model_input_size",
     "adapt_images",
     "load_images",
@@ -145,6 +146,27 @@ def load_digits_split(
     )
 
 
+def write_digits_folder(root: str | os.PathLike, train_per_class: int, test_per_class: int) -> Path:
+    """A class-balanced subset of the digits split as an image folder (root/train/<c>, root/test/<c>).
+
+    The first ``train_per_class`` training and ``test_per_class`` test images of each class, as
+    8-bit PNGs; written once (a ``done`` marker) and reused. For smoke runs of whole studies.
+    """
+    from PIL import Image
+
+    root = Path(root)
+    if not (root / "done").exists():
+        for split, ds, per_class in zip(("train", "test"), load_digits_split(), (train_per_class, test_per_class)):
+            images, labels = ds.tensors
+            for c in range(10):
+                (root / split / str(c)).mkdir(parents=True, exist_ok=True)
+                for k, i in enumerate((labels == c).nonzero().flatten()[:per_class].tolist()):
+                    pixels = (images[i, 0] * 255).round().byte().numpy()
+                    Image.fromarray(pixels).save(root / split / str(c) / f"{k}.png")
+        (root / "done").touch()
+    return root
+
+
 class _Adapted(Dataset):
     """Applies :func:`adapt_images` to single samples of another dataset."""
 
@@ -193,18 +215,54 @@ def _imagefolder_splits(root: Path) -> tuple[Dataset, Dataset, int]:
     return Subset(full, train_idx.tolist()), Subset(full, test_idx.tolist()), len(full.classes)
 
 
-def _cifar10_splits(root: Path) -> tuple[Dataset, Dataset, int]:
-    from torchvision import datasets, transforms
+CIFAR10_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
+CIFAR10_TEST = ("test_batch",)
 
-    try:
-        train = datasets.CIFAR10(str(root), train=True, download=False, transform=transforms.ToTensor())
-        test = datasets.CIFAR10(str(root), train=False, download=False, transform=transforms.ToTensor())
-    except (RuntimeError, OSError) as e:
-        raise DataError(
-            f"no readable CIFAR-10 under {str(root)!r} (expected {str(root / 'cifar-10-batches-py')!r}; "
-            f"nothing is downloaded): {e}"
-        ) from e
-    return train, test, 10
+
+class _UInt8Images(Dataset):
+    """(N, C, H, W) uint8 images and labels, delivered as float images in [0, 1] one at a time."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.images[i].float() / 255.0, int(self.labels[i])
+
+
+def _cifar10_batches(folder: Path, names: tuple[str, ...]) -> _UInt8Images:
+    import pickle
+
+    images, labels = [], []
+    for name in names:
+        path = folder / name
+        try:
+            with open(path, "rb") as f:
+                batch = pickle.load(f, encoding="bytes")
+            data = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+            target = np.asarray(batch[b"labels"], dtype=np.int64)
+        except (OSError, pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError) as e:
+            raise DataError(f"{str(path)!r} is not a CIFAR-10 batch of the python-pickle layout "
+                            f"(a dict with b'data' (N, 3072) uint8 and b'labels'): {e}") from e
+        if data.shape[0] != target.shape[0]:
+            raise DataError(f"{str(path)!r} holds {data.shape[0]} images but {target.shape[0]} labels")
+        images.append(torch.from_numpy(data))
+        labels.append(torch.from_numpy(target))
+    return _UInt8Images(torch.cat(images), torch.cat(labels))
+
+
+def _cifar10_splits(root: Path) -> tuple[Dataset, Dataset, int]:
+    """CIFAR-10 in its python-pickle layout (root/cifar-10-batches-py/data_batch_1..5, test_batch).
+
+    Read directly (no checksum: a subset or a re-packed copy in the same layout works too).
+    """
+    folder = root / "cifar-10-batches-py"
+    if not folder.is_dir():
+        raise DataError(f"no readable CIFAR-10 under {str(root)!r}: expected the folder {str(folder)!r} "
+                        "(the python-pickle layout; nothing is downloaded)")
+    return _cifar10_batches(folder, CIFAR10_TRAIN), _cifar10_batches(folder, CIFAR10_TEST), 10
 
 
 def build_datasets(

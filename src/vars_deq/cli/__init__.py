@@ -14,12 +14,12 @@ import argparse
 import sys
 from typing import Any, Callable, Sequence
 
-from . import compare, evaluate, maps, train
+from . import compare, evaluate, maps, study, train
 from .common import EXIT_USER_ERROR
 
 __all__ = ["COMMANDS", "build_parser", "main"]
 
-COMMANDS = (compare, train, evaluate, maps)
+COMMANDS = (compare, train, evaluate, maps, study)
 
 
 class _Subcommand(argparse.ArgumentParser):

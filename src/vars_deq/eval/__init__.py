@@ -2,6 +2,7 @@
 
 from .corruptions import CORRUPTIONS, FAMILIES, SEVERITIES, corrupt
 from .evaluate import evaluate_model, format_table
-from .pgd import pgd_attack
+from .pgd import pgd_attack, pgd_robust_counts
 
-__all__ = ["CORRUPTIONS", "FAMILIES", "SEVERITIES", "corrupt", "evaluate_model", "format_table", "pgd_attack"]
+__all__ = ["CORRUPTIONS", "FAMILIES", "SEVERITIES", "corrupt", "evaluate_model", "format_table", "pgd_attack",
+           "pgd_robust_counts"]

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any, Sequence
+
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["pgd_attack"]
+__all__ = ["pgd_attack", "pgd_robust_counts"]
 
 
 def pgd_attack(
@@ -58,3 +60,70 @@ def pgd_attack(
             (grad,) = torch.autograd.grad(loss, x_adv)
         x_adv = torch.max(torch.min(x_adv.detach() + step_size * grad.sign(), hi), lo)
     return x_adv.detach()
+
+
+def pgd_robust_counts(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float,
+    steps: int,
+    *,
+    sources: dict[str, nn.Module] | None = None,
+    restarts: int = 1,
+    step_size: float | None = None,
+    checkpoints: Sequence[int] | None = None,
+    generator: torch.Generator | None = None,
+) -> dict[str, Any]:
+    """Examples of ``(x, y)`` that ``model`` still classifies correctly under PGD, against steps.
+
+    A strong evaluation of a model whose gradient may be masked (an iterative layer): each source
+    in ``sources`` (name -> a module with ``model``'s weights and another backward, e.g. the VARS
+    layers unrolled or implicit) supplies the gradients of its own attacks, ``restarts`` random
+    starts each, and every iterate at a step in ``checkpoints`` is judged by ``model`` itself. An
+    example counts as robust at step k when ``model`` is right on every judged iterate up to k of
+    every attack; per source the same with that source's attacks only.
+
+    Returns:
+        {"checkpoints": [k...], "robust": {k: count}, "per_source": {name: {k: count}},
+         "num_examples": B} with counts of robust examples.
+    """
+    if restarts < 1:
+        raise ValueError(f"restarts must be >= 1, got {restarts}")
+    sources = {"autograd": model} if sources is None else dict(sources)
+    if not sources:
+        raise ValueError("sources must name at least one gradient source")
+    checks = sorted(set(range(steps + 1) if checkpoints is None else checkpoints) | {steps})
+    if checks[0] < 0 or checks[-1] > steps:
+        raise ValueError(f"checkpoints must lie in [0, steps={steps}], got {list(checkpoints or [])}")
+    if step_size is None:
+        step_size = 2.5 * eps / steps if steps else 0.0
+    x, model = x.detach(), model.eval()
+    lo, hi = (x - eps).clamp(0, 1), (x + eps).clamp(0, 1)
+    fooled = {name: torch.zeros(len(checks), x.shape[0], dtype=torch.bool, device=x.device) for name in sources}
+
+    def judge(name: str, x_adv: torch.Tensor, step: int) -> None:
+        if step in checks:
+            with torch.no_grad():
+                fooled[name][checks.index(step)] |= model(x_adv).argmax(-1) != y
+
+    for name, source in sources.items():
+        source.eval()
+        for _ in range(restarts):
+            noise = torch.rand(x.shape, generator=generator, dtype=torch.float32).to(device=x.device, dtype=x.dtype)
+            x_adv = torch.max(torch.min(x + eps * (2 * noise - 1), hi), lo)
+            judge(name, x_adv, 0)
+            for step in range(1, steps + 1):
+                x_adv.requires_grad_(True)
+                with torch.enable_grad():
+                    loss = F.cross_entropy(source(x_adv).float(), y)
+                    (grad,) = torch.autograd.grad(loss, x_adv)
+                x_adv = torch.max(torch.min(x_adv.detach() + step_size * grad.sign(), hi), lo)
+                judge(name, x_adv, step)
+
+    def robust(flags: torch.Tensor) -> dict[int, int]:  # fooled at any judged iterate up to k
+        return {k: int((~flags[: i + 1].any(0)).sum()) for i, k in enumerate(checks)}
+
+    return {"checkpoints": checks, "num_examples": x.shape[0],
+            "robust": robust(torch.stack(list(fooled.values())).any(0)),
+            "per_source": {name: robust(flags) for name, flags in fooled.items()}}
