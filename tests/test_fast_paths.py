@@ -264,3 +264,35 @@ def test_direct_adjoint_with_the_union_gram_matches_the_plain_union():
         grads.append(torch.autograd.grad(z.pow(2).sum(), (wa, wb)))
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["vars_sd_digits"])  # its union holds VARS-D's features and free atoms
+def test_torch_compile_traces_the_fixed_step_model_whole_and_matches_eager(name):
+    """The fixed-step forward never synchronises: inductor takes the whole model, with no graph
+    break, and its loss and gradients are eager's to float32 rounding."""
+    import copy
+
+    import timm
+    import torch._dynamo
+
+    import vars_deq.models  # noqa: F401  (registers the models)
+
+    torch.manual_seed(0)
+    eager = timm.create_model(name, depth=1).train()
+    x, y = torch.rand(8, 1, 8, 8), torch.arange(8)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = torch.compile(copy.deepcopy(eager))
+
+    def loss_and_grads(model):
+        model.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return [loss.detach()] + [p.grad for p in model.parameters() if p.grad is not None]
+
+    got, want = loss_and_grads(compiled), loss_and_grads(eager)
+    assert sum(torch._dynamo.utils.counters["graph_break"].values()) == 0
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
