@@ -52,7 +52,8 @@ def grads_of(model, x, y) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     model.zero_grad(set_to_none=True)
     loss = F.cross_entropy(model(x), y)
     loss.backward()
-    return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), {n.removeprefix("_orig_mod."): p.grad.detach().clone()
+                           for n, p in model.named_parameters() if p.grad is not None}
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -134,7 +135,7 @@ def main(argv=None) -> int:
               f"{r['graph_breaks']} graph breaks, max rel diff {r['max_rel_diff_loss_and_grads']:.1e})", flush=True)
     label = common.device_label(device)
     common.write_json(out / "compile.json", {
-        "benchmark": "compile", "quick": args.quick, "config": {**vars(args), "device": str(device)},
+        "benchmark": "compile", "quick": args.quick, "config": {**vars(args), "out": str(out), "device": str(device)},
         "environment": common.environment(device), "results": results})
     plot(results, out / "compile.png", f"torch.compile, batch {args.batch_size}, {label}, mode {args.mode}")
     print(f"wrote {out / 'compile.json'} and {out / 'compile.png'}")

@@ -5,7 +5,8 @@
 Runs, each in its own process so one's memory does not colour another's: the solver benchmark
 (bench_solvers.py), the backward memory/time benchmark (bench_backward.py), the model
 throughput benchmark (bench_models.py), the FLOP count (bench_flops.py), the layer against the
-original's update (bench_layer.py) and `vars-deq compare`; each prints its own table, and the
+original's update (bench_layer.py), eager against torch.compile (bench_compile.py) and
+`vars-deq compare`; each prints its own table, and the
 README quotes them. --quick passes --quick to each (a smoke run of seconds apiece) and runs
 compare on one image, two solvers and no synthetic suite. --threads is passed on; without it each
 benchmark keeps its own default (the CPUs this process may use; one thread for bench_layer and
@@ -20,7 +21,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ("solvers", "backward", "models", "flops", "layer")
+BENCHMARKS = ("solvers", "backward", "models", "flops", "layer", "compile")
 JOBS = (*BENCHMARKS, "compare")
 QUICK_COMPARE = ["--num-images", "1", "--solvers", "ista", "fista", "--tols", "1e-2", "--max-steps", "20",
                  "--synthetic", "--repeats", "1"]

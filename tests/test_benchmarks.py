@@ -36,6 +36,7 @@ EXPECTED_KEYS = {
     "flops": {"benchmark", "quick", "environment", "convention", "counted_ops", "registered_models", "models"},
     "layer": {"benchmark", "quick", "environment", "setup", "variants", "skipped", "ratios", "flop_floor"},
     "compare": {"device", "suites", "results", "targets"},
+    "compile": {"benchmark", "quick", "config", "environment", "results"},
 }
 
 
@@ -95,6 +96,14 @@ def test_backward_interleaved_comparison_has_every_adjoint_and_both_targets(quic
             assert r["adjoint"]["method"] == r["variant"].removeprefix("implicit_")
     timed = {(t["variant"], t["steps"]) for t in data["targets"] if "variant" in t}
     assert timed == {(n, k) for n in names - {"unroll"} for k in (2, 5)}
+
+
+def test_compile_quick_checked_agreement_before_timing(quick_results):
+    data = load(quick_results[0], "compile")
+    (row,) = data["results"].values()
+    assert row["graph_breaks"] == 0 and row["max_rel_diff_loss_and_grads"] <= data["config"]["agreement_tol"]
+    assert row["eager_step_s"] > 0 and row["compiled_step_s"] > 0
+    assert len(row["step_times_s"]["eager"]) == len(row["step_times_s"]["compiled"]) == data["config"]["steps"]
 
 
 def test_flops_quick_counts_digits_and_one_tiny_model(quick_results):
