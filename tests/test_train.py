@@ -329,3 +329,21 @@ def test_ddp_two_cpu_processes_agree(tmp_path):
     assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
     assert len(_lines(out / "metrics.jsonl")) == 1
     assert proc.stdout.count("optimizer steps") == 1  # only rank 0 reports
+
+
+@pytest.mark.slow
+def test_compiled_training_follows_eager_and_records_the_vars_statistics(tmp_path, torch_single_thread):
+    """--compile: the same steps as eager to float32 rounding, the layers' statistics still reach
+    the metrics, and the checkpoint is a plain model's."""
+    from vars_deq.data import write_digits_folder
+
+    small = write_digits_folder(tmp_path / "digits", 8, 4)  # 80 training images: 2 steps
+    kw = dict(model="vars_sd_digits", model_kwargs={"depth": 1}, epochs=1, lr=1e-3, dataset="imagefolder",
+              data_dir=str(small))
+    eager = train(_config(tmp_path / "eager", **kw))
+    compiled = train(_config(tmp_path / "compiled", compile=True, **kw))
+    e, c = eager["final"], compiled["final"]
+    assert c["train_loss"] == pytest.approx(e["train_loss"], rel=1e-3)
+    assert c["solver_steps"] == e["solver_steps"] == 5
+    ckpt = load_checkpoint(tmp_path / "compiled" / "checkpoint.pth")
+    assert not any(k.startswith("_orig_mod.") for k in ckpt["model"])

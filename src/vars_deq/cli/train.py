@@ -46,6 +46,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--smoothing", type=float, help=f"label smoothing (default {d.smoothing})")
     p.add_argument("--amp", choices=AMP_MODES, help="mixed precision: bf16 on CPU or CUDA, fp16 on CUDA with a "
                                                   f"gradient scaler (default {d.amp})")
+    p.add_argument("--compile", action="store_const", const=True,
+                   help="train through torch.compile (inductor): fixed-step VARS layers (the unroll preset) "
+                        "trace whole; a forward with a tolerance synchronises and breaks the graph")
     # under torchrun each process takes the CUDA device of its local rank, so no cuda:N here
     p.add_argument("--device", choices=DEVICES, help=f"default {d.device}")
     p.add_argument("--seed", type=int, help=f"default {d.seed}")

@@ -109,6 +109,7 @@ class TrainConfig:
     clip_grad: float | None = None
     smoothing: float = 0.0
     amp: str = "none"
+    compile: bool = False
     device: str = "auto"
     seed: int = 0
     workers: int = 0
@@ -277,6 +278,9 @@ class _Trainer:
         if info.distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        if cfg.compile:
+            # one graph per step shape; the weights, the checkpoint and the evaluation stay self.model's
+            self.ddp = torch.compile(self.ddp)
         fault = os.environ.get(FAULT_EXIT_ENV, "")
         self.exit_after = int(fault) if fault else 0
 
