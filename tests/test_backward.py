@@ -304,8 +304,28 @@ def test_direct_and_auto_adjoints_match_cg_and_say_which_ran(adjoint):
     z, sol = vd.sparse_code(vd.SparseCoding(D, xr, lam), backward=vd.Implicit(adjoint=adjoint), return_solution=True,
                             **solve_kw())
     (z * w).sum().backward()
-    assert sol.stats.adjoint.method in (("direct",) if adjoint == "direct" else ("direct", "cg"))
+    assert sol.stats.adjoint.method in (("direct",) if adjoint == "direct" else ("cg", "cg+direct"))
     assert bool(sol.stats.adjoint.converged.all())
+
+
+@pytest.mark.parametrize("budget, method", [(1, "cg+direct"), (10_000, "cg")])
+def test_auto_adjoint_solves_directly_what_cg_leaves_within_its_budget(budget, method, monkeypatch):
+    """"auto" = CG for cg_budget iterations, then the direct solve for the problems not converged."""
+    from vars_deq import backward
+
+    monkeypatch.setattr(backward, "cg_budget", lambda *counts: budget)
+    D, x, lam = lasso_data(12)
+    w = torch.randn(2, 6, 2, generator=torch.Generator().manual_seed(5), dtype=F64)
+    ref = grads(D, x, lam, "implicit", w, adjoint="cg", adjoint_tol=1e-13, adjoint_max_steps=1000)
+    got = grads(D, x, lam, "implicit", w, adjoint="auto")
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
+    xr = x.clone().requires_grad_()
+    z, sol = vd.sparse_code(vd.SparseCoding(D, xr, lam), backward=vd.Implicit(adjoint="auto"), return_solution=True,
+                            **solve_kw())
+    (z * w).sum().backward()
+    assert sol.stats.adjoint.method == method and bool(sol.stats.adjoint.converged.all())
+    assert int(sol.stats.adjoint.steps.max()) <= budget
 
 
 def test_direct_adjoint_is_refused_for_generic_maps():

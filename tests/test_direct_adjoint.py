@@ -3,6 +3,8 @@ singular fallback, dtypes and chunking, the lasso implicit gradient it gives, an
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from hypothesis import assume, given, settings
@@ -11,9 +13,9 @@ from hypothesis import strategies as st
 import vars_deq as vd
 from vars_deq import direct_adjoint
 from vars_deq.direct_adjoint import (
-    DEFAULT_CG_ITERATIONS,
+    DIRECT_FLOP_COST,
     cg_flops,
-    choose_adjoint,
+    cg_budget,
     direct_flops,
     support_solve,
 )
@@ -310,20 +312,24 @@ def test_flop_counts():
 
 
 @given(P=st.integers(1, 64), C=st.integers(1, 64), M=st.integers(1, 256), data=st.data())
-def test_choice_follows_the_counts(P, C, M, data):
+def test_cg_budget_is_the_direct_solve_in_cg_iterations(P, C, M, data):
     s = data.draw(st.integers(0, M), label="s_max")
-    it = data.draw(st.floats(0, 1000), label="iterations")
+    cost = data.draw(st.floats(0.01, 1000), label="direct_flop_cost")
     assert direct_flops(P, C, M, s) <= direct_flops(P, C, M, min(M, s + 1))
-    expected = "direct" if direct_flops(P, C, M, s) <= cg_flops(P, C, M, it) else "cg"
-    assert choose_adjoint(P, C, M, s, it) == expected
+    budget = cg_budget(P, C, M, s, cost)
+    assert budget >= 1 and budget == cg_budget(1, 1, M, s, cost)  # per column: P and C cancel
+    # the largest iteration count whose CG flops stay within the weighted direct flops (or 1)
+    weighted = cost * direct_flops(P, C, M, s)
+    assert budget == 1 or cg_flops(P, C, M, budget) <= weighted * (1 + 1e-12)
+    assert cg_flops(P, C, M, budget + 1) > weighted * (1 - 1e-12)
+    assert cg_budget(P, C, M, s, 2 * cost) >= budget
 
 
-def test_choice_on_vars_shaped_problems():
-    """Issue 11's measured shape: 24 problems, M=128, C=64, supports up to 107 of 128 atoms."""
-    assert DEFAULT_CG_ITERATIONS == 120
-    assert choose_adjoint(24, 64, 128, 107) == "direct"
-    assert choose_adjoint(24, 64, 128, 128) == "direct"
-    assert choose_adjoint(24, 64, 128, 128, expected_cg_iterations=5) == "cg"
+def test_cg_budget_on_vars_shaped_problems():
+    """Issue 11's measured shape: M=128, supports up to 107 of 128 atoms; CG needed about 120 iterations."""
+    assert cg_budget(24, 64, 128, 107) == math.floor(DIRECT_FLOP_COST * (107**3 / 3 + 5 * 107**2 + 256)
+                                                      / (2 * 128**2 + 10 * 128))
+    assert cg_budget(24, 64, 128, 107, direct_flop_cost=1.0) == 13
 
 
 @pytest.mark.parametrize(
@@ -334,7 +340,9 @@ def test_choice_on_vars_shaped_problems():
         lambda: direct_flops(1, 1, 4, 5),
         lambda: cg_flops(1, 1, 4, -1),
         lambda: cg_flops(1, 1, True, 3),
-        lambda: choose_adjoint(1, 1, 4, 2, expected_cg_iterations=float("inf")),
+        lambda: cg_budget(1, 1, 4, 2, direct_flop_cost=float("inf")),
+        lambda: cg_budget(1, 1, 4, 2, direct_flop_cost=0),
+        lambda: cg_budget(1, 1, 4, 5),
     ],
 )
 def test_cost_model_rejects_bad_counts(call):

@@ -45,7 +45,7 @@ from .equilibrium import (
     solve_quietly,
 )
 from .problems import LassoBatch, SparseCoding
-from .direct_adjoint import choose_adjoint, support_solve
+from .direct_adjoint import cg_budget, support_solve
 from .prox import active_mask
 from .solvers import ISTA, Anderson, LoopSolver, Solver, make_solver
 
@@ -91,8 +91,9 @@ class Implicit(Backward):
     """Implicit differentiation: u = (I - J^T)^{-1} g by an adjoint solve at the detached equilibrium.
 
     Args:
-        adjoint: "auto" (default: for lasso problems "direct" or "cg", whichever the flop counts of
-            :func:`~vars_deq.direct_adjoint.choose_adjoint` favour; "anderson" for generic maps),
+        adjoint: "auto" (default: for lasso problems CG for as many iterations as the direct solve
+            would take in time, :func:`~vars_deq.direct_adjoint.cg_budget`, then the direct solve
+            for the problems CG left; "anderson" for generic maps),
             "direct" (batched Cholesky of each code column's support Gram, exact to rounding),
             "cg" on the lasso's active set (the same support system), "fixed_point" or "anderson" on
             u = g + J^T u.
@@ -337,8 +338,10 @@ def _lasso_adjoint(flat: LassoBatch, zs, g, method, tol, max_steps, ridge=0.0):
     forward ran in half precision). With ``ridge`` > 0 the support system becomes
     (eta G_SS + ridge I) u_S = g_S: after a short, unconverged forward the support can hold more
     atoms than tokens, G_SS is then singular and CG would diverge. "direct" solves the support
-    systems by batched Cholesky (:func:`vars_deq.direct_adjoint.support_solve`); "auto" picks it
-    or CG from the flop counts of :func:`vars_deq.direct_adjoint.choose_adjoint`.
+    systems by batched Cholesky (:func:`vars_deq.direct_adjoint.support_solve`). "auto" runs CG
+    for as many iterations as the direct solve would take in time
+    (:func:`vars_deq.direct_adjoint.cg_budget`), then solves directly the problems CG left
+    unconverged ("cg+direct"; "cg" when none): at most about twice the faster of the two.
     """
     out_dtype = g.dtype
     wide = torch.float32 if g.dtype in (torch.float16, torch.bfloat16) or flat.b.dtype in (
@@ -350,20 +353,32 @@ def _lasso_adjoint(flat: LassoBatch, zs, g, method, tol, max_steps, ridge=0.0):
         gz = op.normal(zs)
         pre = zs - eta * (gz - b)
         mask = active_mask(pre, eta * lam, flat.nonneg).to(wide)
-        if method == "auto":
-            P, M, C = mask.shape
-            method = choose_adjoint(P, C, M, int(mask.sum(-2).max()))  # the backward may sync
         if method == "direct":
             u, rel = support_solve(_gram(op), mask, g, eta, ridge)
             return u.to(out_dtype), torch.ones(u.shape[0], dtype=torch.long, device=u.device), rel, method
-        if method == "cg":
+        if method in ("cg", "auto"):
             rhs = mask * g / eta
 
             def apply_A(v):
                 return mask * (op.normal(mask * v) + (ridge / eta) * v) + (1 - mask) * v
 
-            u, steps, rel = conjugate_gradient(apply_A, rhs, tol, max_steps)
-            return u.to(out_dtype), steps, rel, method
+            budget = max_steps
+            if method == "auto":
+                P, M, C = mask.shape
+                budget = min(max_steps, cg_budget(P, C, M, int(mask.sum(-2).max())))  # the backward may sync
+            u, steps, rel = conjugate_gradient(apply_A, rhs, tol, budget)
+            if method == "cg":
+                return u.to(out_dtype), steps, rel, method
+            left = ~(rel <= tol)
+            if not bool(left.any()):
+                return u.to(out_dtype), steps, rel, "cg"
+            # the problems CG left within the direct solve's time: solved directly
+            which = left.nonzero()[:, 0]
+            gram = _gram(op)
+            eta_p = torch.as_tensor(eta).broadcast_to((u.shape[0], 1, 1))
+            u[which], rel[which] = support_solve(gram if gram.shape[0] == 1 else gram[which], mask[which], g[which],
+                                                 eta_p[which], ridge)
+            return u.to(out_dtype), steps, rel, "cg+direct"
 
         def adjoint_map(u):  # u = g + J^T u, J^T v = (I - eta G)(M v)
             mv = mask * u

@@ -8,7 +8,8 @@ S = {i : mask[p, i, c]} (the rows of the adjoint system on the support; vars_deq
 :func:`support_solve` gathers each column's support Gram, padded to the batch's largest support
 s_max, and solves it by one batched Cholesky factorization: about s^3 / 3 flops per column, against
 one M x M Gram product per column for every conjugate-gradient iteration (:func:`cg_flops`).
-:func:`choose_adjoint` compares the two counts.
+:func:`cg_budget` turns the two counts, weighed by the measured time of a flop of each
+(:data:`DIRECT_FLOP_COST`), into the CG iterations "auto" runs before it solves directly.
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ __all__ = [
     "support_solve",
     "direct_flops",
     "cg_flops",
-    "choose_adjoint",
+    "cg_budget",
     "GATHER_BUDGET_BYTES",
     "RCOND_FACTOR",
-    "DEFAULT_CG_ITERATIONS",
+    "DIRECT_FLOP_COST",
 ]
 
 GATHER_BUDGET_BYTES = 2**28
@@ -38,10 +39,12 @@ rcond = RCOND_FACTOR * s * eps(compute dtype), s its padded size: a Cholesky piv
 d_k <= rcond * max_i A_ii (every pivot is >= lambda_min(A), so cond(A) >= 1 / rcond), and in the
 fallback the eigenvalues |w| <= rcond * max |w| that are treated as zero."""
 
-DEFAULT_CG_ITERATIONS = 120
-"""Expected CG iterations for :func:`choose_adjoint`: measured on VARS-shaped problems (Performer
-atoms, N=196, M=128, C=64, lam 0.3) after a 30-step FISTA forward, where the support Gram of the
-all-positive atoms is ill-conditioned (median condition number 416; issue 11)."""
+DIRECT_FLOP_COST = 14.0
+"""Time of one counted flop of the direct solve, in counted flops of CG, used by :func:`cg_budget`.
+
+Small batched Cholesky factorizations and gathers run far below the matrix-product throughput
+CG runs at. The value is the median over the shapes of ``benchmarks/bench_adjoint_cost.py`` on
+CPU, one thread (benchmarks/results/cpu/adjoint_cost.json)."""
 
 
 def _wide(*dtypes: torch.dtype) -> torch.dtype:
@@ -213,15 +216,20 @@ def cg_flops(P: int, C: int, M: int, iterations: float) -> float:
     return P * C * iterations * (2.0 * M * M + 10.0 * M)
 
 
-def choose_adjoint(
-    P: int, C: int, M: int, s_max: int, expected_cg_iterations: float = DEFAULT_CG_ITERATIONS
-) -> str:
-    """"direct" when :func:`direct_flops` <= :func:`cg_flops` at ``expected_cg_iterations``
-    (default :data:`DEFAULT_CG_ITERATIONS`), else "cg".
+def cg_budget(P: int, C: int, M: int, s_max: int, direct_flop_cost: float = DIRECT_FLOP_COST) -> int:
+    """CG iterations that take as long as the direct solve of the same systems (at least 1):
 
-    A flop model only: it does not see that batched small Cholesky factorizations run below
-    matrix-product throughput (on GPUs especially), nor CG stopping early on easy problems.
-    With s = M the direct solve wins once CG needs more than about M / 6 iterations.
+        floor(direct_flop_cost * direct_flops(P, C, M, s_max) / cg_flops(P, C, M, 1)).
+
+    "auto" runs CG for this many iterations and then solves directly what CG left, so it costs
+    at most about the direct solve plus as much again, and as little as CG where CG converges
+    fast. The flop counts per column depend on M and s_max only: P and C cancel.
     """
-    direct = direct_flops(P, C, M, s_max)
-    return "direct" if direct <= cg_flops(P, C, M, expected_cg_iterations) else "cg"
+    _check_counts(P=P, C=C, M=M, s_max=s_max)
+    if not (isinstance(direct_flop_cost, (int, float)) and not isinstance(direct_flop_cost, bool)
+            and 0 < direct_flop_cost < math.inf):
+        raise ValueError(f"direct_flop_cost must be a finite number > 0, got {direct_flop_cost!r}")
+    if s_max > M:
+        raise ValueError(f"s_max must be <= M={M}, got {s_max}")
+    per_column_direct, per_column_iteration = direct_flops(1, 1, M, s_max), cg_flops(1, 1, M, 1)
+    return max(1, math.floor(direct_flop_cost * per_column_direct / per_column_iteration))

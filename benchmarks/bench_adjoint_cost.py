@@ -1,0 +1,149 @@
+"""What a flop costs in each implicit adjoint: the calibration of ``adjoint="auto"``.
+
+The direct adjoint (batched Cholesky of each code column's support Gram) and conjugate gradient
+run at very different speeds per counted flop: small batched factorizations run far below
+matrix-product throughput, CG is matrix products. Per problem shape (Performer atoms, lam 0.3,
+FISTA to a relative residual of 1e-4, loss <w, z>), this measures the backward of each
+adjoint (median of ``--repeats`` interleaved rounds), the CG iterations it took, and the time per
+counted flop of each (``direct_flops`` and ``cg_flops`` at the iterations taken, from
+vars_deq.direct_adjoint). Their ratio is the time of one direct flop in CG flops:
+``DIRECT_FLOP_COST`` in vars_deq/direct_adjoint.py is the median of it over the shapes, and
+"auto" gives CG as many iterations as the direct solve would cost in time before it solves the
+problems CG leaves directly. The JSON also records what "auto" ran and its time.
+
+    python benchmarks/bench_adjoint_cost.py --device cpu --threads 1
+    python benchmarks/bench_adjoint_cost.py --quick
+
+Results: <out>/adjoint_cost.json and adjoint_cost.png (default out: benchmarks/results/<device>/).
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+import vars_deq as vd  # noqa: E402
+from vars_deq.direct_adjoint import DIRECT_FLOP_COST, cg_flops, direct_flops  # noqa: E402
+
+LAM = 0.3
+#: name -> (problems P, tokens N, atoms M, code columns C, query dim d)
+SHAPES = {
+    "digits-like (N=17, M=48)": (192, 17, 48, 16, 16),
+    "N=64, M=64": (96, 64, 64, 16, 16),
+    "deit VARS-D (N=196, M=128)": (24, 196, 128, 64, 64),
+    "deit VARS-SD-size (N=196, M=324)": (24, 196, 324, 64, 64),
+}
+QUICK_SHAPES = {"quick (N=16, M=16)": (4, 16, 16, 8, 8)}
+ADJOINTS = ("direct", "cg", "auto")
+
+
+def problem(shape, device, seed=0):
+    P, N, M, C, d = shape
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(P, 1, N, d, generator=gen).to(device)
+    v = torch.randn(P, 1, N, C, generator=gen).to(device).requires_grad_()
+    w = torch.randn(P, 1, M, C, generator=gen).to(device)
+    atoms = vd.PerformerDictionary(d, num_features=M, num_heads=1).to(device)(q).detach()
+    return atoms, v, w
+
+
+def backward_once(atoms, v, w, adjoint: str, device) -> tuple[float, Any, int]:
+    z, sol = vd.sparse_code(vd.SparseCoding(atoms, v, LAM), solver="fista", max_steps=2000, tol=1e-4,
+                            backward=vd.Implicit(adjoint=adjoint, max_steps=2000), return_solution=True)
+    support = int((z.detach() != 0).sum(-2).max())
+    loss = (z * w).sum()
+    v.grad = None
+    _, t = common.timed(lambda: loss.backward(), device)
+    return t, sol.stats.adjoint, support
+
+
+def measure(name: str, shape, args, device) -> dict[str, Any]:
+    P, N, M, C, _ = shape
+    atoms, v, w = problem(shape, device)
+    times = {a: [] for a in ADJOINTS}
+    info = {}
+    for r in range(args.repeats + 1):
+        for adjoint in ADJOINTS:  # interleaved
+            t, stats, support = backward_once(atoms, v, w, adjoint, device)
+            if r:  # the first round warms up
+                times[adjoint].append(t)
+            info[adjoint] = {"method": stats.method, "steps_max": int(stats.steps.max()),
+                             "converged": bool(stats.converged.all()), "s_max": support}
+    med = {a: common.median(ts) for a, ts in times.items()}
+    s_max = info["direct"]["s_max"]
+    flops_direct = direct_flops(P * 1, C, M, s_max)
+    flops_cg = cg_flops(P, C, M, info["cg"]["steps_max"])
+    per_flop_direct, per_flop_cg = med["direct"] / flops_direct, med["cg"] / flops_cg
+    return {"shape": {"P": P, "N": N, "M": M, "C": C}, "s_max": s_max, "median_backward_s": med,
+            "runs": info, "direct_flops": flops_direct, "cg_flops_at_steps_taken": flops_cg,
+            "s_per_flop": {"direct": per_flop_direct, "cg": per_flop_cg},
+            "direct_flop_cost_in_cg_flops": per_flop_direct / per_flop_cg,
+            "faster": min(("direct", "cg"), key=lambda a: med[a]),
+            "auto_over_faster": med["auto"] / min(med["direct"], med["cg"])}
+
+
+def plot(results: dict[str, dict], path: Path, title: str) -> None:
+    plt = common.pyplot()
+    names = list(results)
+    fig, (ax_t, ax_f) = plt.subplots(1, 2, figsize=(12, 4.2))
+    width = 0.27
+    for i, a in enumerate(ADJOINTS):
+        ax_t.bar([j + (i - 1) * width for j in range(len(names))],
+                 [1e3 * results[n]["median_backward_s"][a] for n in names], width, label=a)
+    ax_t.set_yscale("log")
+    ax_t.set_xticks(range(len(names)), names, rotation=15, ha="right", fontsize=7)
+    ax_t.set(ylabel="backward ms (median)", title="implicit backward by adjoint")
+    ax_t.legend(fontsize=8)
+    ax_f.bar(range(len(names)), [results[n]["direct_flop_cost_in_cg_flops"] for n in names], color="tab:purple")
+    ax_f.axhline(DIRECT_FLOP_COST, color="grey", ls=":", label=f"DIRECT_FLOP_COST = {DIRECT_FLOP_COST:g}")
+    ax_f.set_xticks(range(len(names)), names, rotation=15, ha="right", fontsize=7)
+    ax_f.set(ylabel="time of a direct flop / time of a CG flop", title="calibration")
+    ax_f.legend(fontsize=8)
+    for ax in (ax_t, ax_f):
+        ax.grid(alpha=0.3, axis="y")
+    fig.suptitle(title)
+    common.save_figure(fig, path)
+
+
+def main(argv=None) -> int:
+    ap = common.parser(__doc__)
+    ap.add_argument("--repeats", type=int, default=3, help="timed interleaved rounds (default 3)")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.repeats = 1
+    if args.repeats < 1:
+        ap.error("--repeats must be >= 1")
+    device, out = common.setup(args)
+    warnings.simplefilter("ignore", vd.ConvergenceWarning)
+    results = {}
+    for name, shape in (QUICK_SHAPES if args.quick else SHAPES).items():
+        r = results[name] = measure(name, shape, args, device)
+        med = r["median_backward_s"]
+        print(f"  {name:34s} s_max {r['s_max']:4d}  direct {1e3 * med['direct']:8.1f} ms  cg {1e3 * med['cg']:8.1f} ms "
+              f"({r['runs']['cg']['steps_max']} it)  auto {1e3 * med['auto']:8.1f} ms ({r['runs']['auto']['method']}, "
+              f"{r['auto_over_faster']:.2f}x the faster)  direct flop = {r['direct_flop_cost_in_cg_flops']:.1f} CG flops",
+              flush=True)
+    costs = [r["direct_flop_cost_in_cg_flops"] for r in results.values()]
+    summary = {"median_direct_flop_cost": statistics.median(costs), "library_DIRECT_FLOP_COST": DIRECT_FLOP_COST,
+               "auto_over_faster_max": max(r["auto_over_faster"] for r in results.values())}
+    common.write_json(out / "adjoint_cost.json", {
+        "benchmark": "adjoint_cost", "quick": args.quick, "config": {**vars(args), "out": str(out),
+                                                                     "device": str(device)},
+        "environment": common.environment(device), "results": results, "summary": summary})
+    plot(results, out / "adjoint_cost.png", f"adjoint cost, {common.device_label(device)}")
+    print(f"median direct flop cost {summary['median_direct_flop_cost']:.1f} CG flops (library: {DIRECT_FLOP_COST:g}); "
+          f"auto at most {summary['auto_over_faster_max']:.2f}x the faster adjoint")
+    print(f"wrote {out / 'adjoint_cost.json'} and {out / 'adjoint_cost.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
