@@ -6,10 +6,14 @@ matrix-product throughput, CG is matrix products. Per problem shape (Performer a
 FISTA to a relative residual of 1e-4, loss <w, z>), this measures the backward of each
 adjoint (median of ``--repeats`` interleaved rounds), the CG iterations it took, and the time per
 counted flop of each (``direct_flops`` and ``cg_flops`` at the iterations taken, from
-vars_deq.direct_adjoint). Their ratio is the time of one direct flop in CG flops:
-``DIRECT_FLOP_COST`` in vars_deq/direct_adjoint.py is the median of it over the shapes, and
-"auto" gives CG as many iterations as the direct solve would cost in time before it solves the
-problems CG leaves directly. The JSON also records what "auto" ran and its time.
+vars_deq.direct_adjoint). A least-squares fit over the shapes of
+
+    t_direct = a_d + b_d direct_flops,    t_cg / iterations = a_cg + b_cg cg_flops(1 iteration)
+
+(non-negative) gives ``DIRECT_COST`` = (a_d, b_d) and ``CG_ITERATION_COST`` = (a_cg, b_cg) in
+vars_deq/direct_adjoint.py, from which "auto" gives CG as many iterations as the direct solve
+would take (``cg_budget``) before it solves what CG left directly. The JSON records the fit, the
+library's constants, what "auto" ran and its time against the faster of the two.
 
     python benchmarks/bench_adjoint_cost.py --device cpu --threads 1
     python benchmarks/bench_adjoint_cost.py --quick
@@ -19,19 +23,19 @@ Results: <out>/adjoint_cost.json and adjoint_cost.png (default out: benchmarks/r
 
 from __future__ import annotations
 
-import statistics
 import sys
 import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 import vars_deq as vd  # noqa: E402
-from vars_deq.direct_adjoint import DIRECT_FLOP_COST, cg_flops, direct_flops  # noqa: E402
+from vars_deq.direct_adjoint import CG_ITERATION_COST, DIRECT_COST, cg_budget, cg_flops, direct_flops  # noqa: E402
 
 LAM = 0.3
 #: name -> (problems P, tokens N, atoms M, code columns C, query dim d)
@@ -51,7 +55,8 @@ def problem(shape, device, seed=0):
     q = torch.randn(P, 1, N, d, generator=gen).to(device)
     v = torch.randn(P, 1, N, C, generator=gen).to(device).requires_grad_()
     w = torch.randn(P, 1, M, C, generator=gen).to(device)
-    atoms = vd.PerformerDictionary(d, num_features=M, num_heads=1).to(device)(q).detach()
+    with torch.no_grad():  # the atoms are data here: the gradient flows to the signal v
+        atoms = vd.PerformerDictionary(d, num_features=M, num_heads=1).to(device)(q)
     return atoms, v, w
 
 
@@ -79,21 +84,31 @@ def measure(name: str, shape, args, device) -> dict[str, Any]:
                              "converged": bool(stats.converged.all()), "s_max": support}
     med = {a: common.median(ts) for a, ts in times.items()}
     s_max = info["direct"]["s_max"]
-    flops_direct = direct_flops(P * 1, C, M, s_max)
-    flops_cg = cg_flops(P, C, M, info["cg"]["steps_max"])
-    per_flop_direct, per_flop_cg = med["direct"] / flops_direct, med["cg"] / flops_cg
-    return {"shape": {"P": P, "N": N, "M": M, "C": C}, "s_max": s_max, "median_backward_s": med,
-            "runs": info, "direct_flops": flops_direct, "cg_flops_at_steps_taken": flops_cg,
-            "s_per_flop": {"direct": per_flop_direct, "cg": per_flop_cg},
-            "direct_flop_cost_in_cg_flops": per_flop_direct / per_flop_cg,
+    iterations = info["cg"]["steps_max"]
+    return {"shape": {"P": P, "N": N, "M": M, "C": C}, "s_max": s_max, "median_backward_s": med, "runs": info,
+            "direct_flops": direct_flops(P, C, M, s_max), "cg_flops_per_iteration": cg_flops(P, C, M, 1),
+            "cg_s_per_iteration": med["cg"] / iterations,
+            "break_even_cg_iterations": med["direct"] / (med["cg"] / iterations),
+            "library_cg_budget": cg_budget(P, C, M, s_max),
             "faster": min(("direct", "cg"), key=lambda a: med[a]),
             "auto_over_faster": med["auto"] / min(med["direct"], med["cg"])}
 
 
-def plot(results: dict[str, dict], path: Path, title: str) -> None:
+def fit(flops: list[float], seconds: list[float]) -> tuple[float, float]:
+    """(a, b) >= 0 minimizing sum (a + b f - t)^2."""
+    f, t = np.asarray(flops, dtype=float), np.asarray(seconds, dtype=float)
+    if len(f) > 1:
+        (a, b), *_ = np.linalg.lstsq(np.stack([np.ones_like(f), f], 1), t, rcond=None)
+        if a >= 0 and b >= 0:
+            return float(a), float(b)
+    candidates = [(0.0, float((t * f).sum() / (f * f).sum())), (float(t.mean()), 0.0)]
+    return min(candidates, key=lambda ab: float(((ab[0] + ab[1] * f - t) ** 2).sum()))
+
+
+def plot(results: dict[str, dict], fitted: dict[str, tuple[float, float]], path: Path, title: str) -> None:
     plt = common.pyplot()
     names = list(results)
-    fig, (ax_t, ax_f) = plt.subplots(1, 2, figsize=(12, 4.2))
+    fig, (ax_t, ax_b) = plt.subplots(1, 2, figsize=(12, 4.2))
     width = 0.27
     for i, a in enumerate(ADJOINTS):
         ax_t.bar([j + (i - 1) * width for j in range(len(names))],
@@ -102,12 +117,15 @@ def plot(results: dict[str, dict], path: Path, title: str) -> None:
     ax_t.set_xticks(range(len(names)), names, rotation=15, ha="right", fontsize=7)
     ax_t.set(ylabel="backward ms (median)", title="implicit backward by adjoint")
     ax_t.legend(fontsize=8)
-    ax_f.bar(range(len(names)), [results[n]["direct_flop_cost_in_cg_flops"] for n in names], color="tab:purple")
-    ax_f.axhline(DIRECT_FLOP_COST, color="grey", ls=":", label=f"DIRECT_FLOP_COST = {DIRECT_FLOP_COST:g}")
-    ax_f.set_xticks(range(len(names)), names, rotation=15, ha="right", fontsize=7)
-    ax_f.set(ylabel="time of a direct flop / time of a CG flop", title="calibration")
-    ax_f.legend(fontsize=8)
-    for ax in (ax_t, ax_f):
+    xs = range(len(names))
+    ax_b.plot(xs, [results[n]["break_even_cg_iterations"] for n in names], "o-", label="measured break-even")
+    ax_b.plot(xs, [results[n]["library_cg_budget"] for n in names], "s--", label="library cg_budget")
+    ax_b.plot(xs, [results[n]["runs"]["cg"]["steps_max"] for n in names], "^:", label="CG iterations taken")
+    ax_b.set_yscale("log")
+    ax_b.set_xticks(list(xs), names, rotation=15, ha="right", fontsize=7)
+    ax_b.set(ylabel="CG iterations", title="CG iterations worth one direct solve")
+    ax_b.legend(fontsize=8)
+    for ax in (ax_t, ax_b):
         ax.grid(alpha=0.3, axis="y")
     fig.suptitle(title)
     common.save_figure(fig, path)
@@ -129,18 +147,22 @@ def main(argv=None) -> int:
         med = r["median_backward_s"]
         print(f"  {name:34s} s_max {r['s_max']:4d}  direct {1e3 * med['direct']:8.1f} ms  cg {1e3 * med['cg']:8.1f} ms "
               f"({r['runs']['cg']['steps_max']} it)  auto {1e3 * med['auto']:8.1f} ms ({r['runs']['auto']['method']}, "
-              f"{r['auto_over_faster']:.2f}x the faster)  direct flop = {r['direct_flop_cost_in_cg_flops']:.1f} CG flops",
-              flush=True)
-    costs = [r["direct_flop_cost_in_cg_flops"] for r in results.values()]
-    summary = {"median_direct_flop_cost": statistics.median(costs), "library_DIRECT_FLOP_COST": DIRECT_FLOP_COST,
-               "auto_over_faster_max": max(r["auto_over_faster"] for r in results.values())}
+              f"{r['auto_over_faster']:.2f}x the faster)  break-even {r['break_even_cg_iterations']:.0f} it "
+              f"(library budget {r['library_cg_budget']})", flush=True)
+    rows = list(results.values())
+    fitted = {"DIRECT_COST": fit([r["direct_flops"] for r in rows], [r["median_backward_s"]["direct"] for r in rows]),
+              "CG_ITERATION_COST": fit([r["cg_flops_per_iteration"] for r in rows],
+                                       [r["cg_s_per_iteration"] for r in rows])}
+    summary = {"fitted": fitted, "library": {"DIRECT_COST": DIRECT_COST, "CG_ITERATION_COST": CG_ITERATION_COST},
+               "auto_over_faster_max": max(r["auto_over_faster"] for r in rows)}
     common.write_json(out / "adjoint_cost.json", {
         "benchmark": "adjoint_cost", "quick": args.quick, "config": {**vars(args), "out": str(out),
                                                                      "device": str(device)},
         "environment": common.environment(device), "results": results, "summary": summary})
-    plot(results, out / "adjoint_cost.png", f"adjoint cost, {common.device_label(device)}")
-    print(f"median direct flop cost {summary['median_direct_flop_cost']:.1f} CG flops (library: {DIRECT_FLOP_COST:g}); "
-          f"auto at most {summary['auto_over_faster_max']:.2f}x the faster adjoint")
+    plot(results, fitted, out / "adjoint_cost.png", f"implicit adjoint cost, {common.device_label(device)}")
+    print(f"fitted DIRECT_COST = {fitted['DIRECT_COST']}, CG_ITERATION_COST = {fitted['CG_ITERATION_COST']} "
+          f"(library {DIRECT_COST}, {CG_ITERATION_COST}); auto at most {summary['auto_over_faster_max']:.2f}x the "
+          "faster adjoint")
     print(f"wrote {out / 'adjoint_cost.json'} and {out / 'adjoint_cost.png'}")
     return 0
 

@@ -37,6 +37,7 @@ EXPECTED_KEYS = {
     "layer": {"benchmark", "quick", "environment", "setup", "variants", "skipped", "ratios", "flop_floor"},
     "compare": {"device", "suites", "results", "targets"},
     "compile": {"benchmark", "quick", "config", "environment", "results"},
+    "adjoint_cost": {"benchmark", "quick", "config", "environment", "results", "summary"},
 }
 
 
@@ -104,6 +105,17 @@ def test_compile_quick_checked_agreement_before_timing(quick_results):
     assert row["graph_breaks"] == 0 and row["max_rel_diff_loss_and_grads"] <= data["config"]["agreement_tol"]
     assert row["eager_step_s"] > 0 and row["compiled_step_s"] > 0
     assert len(row["step_times_s"]["eager"]) == len(row["step_times_s"]["compiled"]) == data["config"]["steps"]
+
+
+def test_adjoint_cost_quick_times_every_adjoint_and_fits_the_constants(quick_results):
+    data = load(quick_results[0], "adjoint_cost")
+    for row in data["results"].values():
+        assert set(row["median_backward_s"]) == {"direct", "cg", "auto"}
+        assert row["runs"]["direct"]["method"] == "direct" and row["runs"]["cg"]["method"] == "cg"
+        assert row["runs"]["auto"]["method"] in {"cg", "cg+direct"}
+        assert all(run["converged"] for run in row["runs"].values())
+    for a, b in data["summary"]["fitted"].values():
+        assert a >= 0 and b >= 0 and a + b > 0
 
 
 def test_flops_quick_counts_digits_and_one_tiny_model(quick_results):

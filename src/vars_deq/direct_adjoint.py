@@ -9,7 +9,8 @@ S = {i : mask[p, i, c]} (the rows of the adjoint system on the support; vars_deq
 s_max, and solves it by one batched Cholesky factorization: about s^3 / 3 flops per column, against
 one M x M Gram product per column for every conjugate-gradient iteration (:func:`cg_flops`).
 :func:`cg_budget` turns the two counts, weighed by the measured time of a flop of each
-(:data:`DIRECT_FLOP_COST`), into the CG iterations "auto" runs before it solves directly.
+(:data:`DIRECT_COST`, :data:`CG_ITERATION_COST`), into the CG iterations "auto" runs before it
+solves directly.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ __all__ = [
     "cg_budget",
     "GATHER_BUDGET_BYTES",
     "RCOND_FACTOR",
-    "DIRECT_FLOP_COST",
+    "DIRECT_COST",
+    "CG_ITERATION_COST",
 ]
 
 GATHER_BUDGET_BYTES = 2**28
@@ -39,12 +41,16 @@ rcond = RCOND_FACTOR * s * eps(compute dtype), s its padded size: a Cholesky piv
 d_k <= rcond * max_i A_ii (every pivot is >= lambda_min(A), so cond(A) >= 1 / rcond), and in the
 fallback the eigenvalues |w| <= rcond * max |w| that are treated as zero."""
 
-DIRECT_FLOP_COST = 14.0
-"""Time of one counted flop of the direct solve, in counted flops of CG, used by :func:`cg_budget`.
+DIRECT_COST = (1.0e-3, 3.6e-10)
+"""Seconds of one direct solve: (per call, per counted flop of :func:`direct_flops`)."""
 
-Small batched Cholesky factorizations and gathers run far below the matrix-product throughput
-CG runs at. The value is the median over the shapes of ``benchmarks/bench_adjoint_cost.py`` on
-CPU, one thread (benchmarks/results/cpu/adjoint_cost.json)."""
+CG_ITERATION_COST = (5.0e-4, 1.7e-11)
+"""Seconds of one CG iteration: (per iteration, per counted flop of :func:`cg_flops`).
+
+Both fitted by least squares to the backward times of ``benchmarks/bench_adjoint_cost.py`` on
+CPU, one thread (benchmarks/results/cpu/adjoint_cost.json). Small batched Cholesky factorizations
+and gathers run far below the matrix-product throughput of CG, and on small problems a CG
+iteration's fixed cost (its kernels and the Python around them) outweighs its flops."""
 
 
 def _wide(*dtypes: torch.dtype) -> torch.dtype:
@@ -216,20 +222,33 @@ def cg_flops(P: int, C: int, M: int, iterations: float) -> float:
     return P * C * iterations * (2.0 * M * M + 10.0 * M)
 
 
-def cg_budget(P: int, C: int, M: int, s_max: int, direct_flop_cost: float = DIRECT_FLOP_COST) -> int:
+def _check_cost(name: str, cost: tuple[float, float]) -> None:
+    if not (isinstance(cost, tuple) and len(cost) == 2 and all(
+            isinstance(c, (int, float)) and not isinstance(c, bool) and 0 <= c < math.inf for c in cost)
+            and sum(cost) > 0):
+        raise ValueError(f"{name} must be (seconds per call, seconds per flop), finite, >= 0, not both 0; "
+                         f"got {cost!r}")
+
+
+def cg_budget(
+    P: int, C: int, M: int, s_max: int,
+    direct_cost: tuple[float, float] = DIRECT_COST,
+    cg_iteration_cost: tuple[float, float] = CG_ITERATION_COST,
+) -> int:
     """CG iterations that take as long as the direct solve of the same systems (at least 1):
 
-        floor(direct_flop_cost * direct_flops(P, C, M, s_max) / cg_flops(P, C, M, 1)).
+        floor((a_d + b_d direct_flops(P, C, M, s_max)) / (a_cg + b_cg cg_flops(P, C, M, 1)))
 
-    "auto" runs CG for this many iterations and then solves directly what CG left, so it costs
-    at most about the direct solve plus as much again, and as little as CG where CG converges
-    fast. The flop counts per column depend on M and s_max only: P and C cancel.
+    with (a, b) the measured seconds per call and per flop (:data:`DIRECT_COST`,
+    :data:`CG_ITERATION_COST`). "auto" runs CG for this many iterations and then solves
+    directly what CG left, so it costs at most about twice the direct solve, and as little as CG
+    where CG converges fast.
     """
     _check_counts(P=P, C=C, M=M, s_max=s_max)
-    if not (isinstance(direct_flop_cost, (int, float)) and not isinstance(direct_flop_cost, bool)
-            and 0 < direct_flop_cost < math.inf):
-        raise ValueError(f"direct_flop_cost must be a finite number > 0, got {direct_flop_cost!r}")
+    _check_cost("direct_cost", direct_cost)
+    _check_cost("cg_iteration_cost", cg_iteration_cost)
     if s_max > M:
         raise ValueError(f"s_max must be <= M={M}, got {s_max}")
-    per_column_direct, per_column_iteration = direct_flops(1, 1, M, s_max), cg_flops(1, 1, M, 1)
-    return max(1, math.floor(direct_flop_cost * per_column_direct / per_column_iteration))
+    direct = direct_cost[0] + direct_cost[1] * direct_flops(P, C, M, s_max)
+    iteration = cg_iteration_cost[0] + cg_iteration_cost[1] * cg_flops(P, C, M, 1)
+    return max(1, math.floor(direct / iteration))
