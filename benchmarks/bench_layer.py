@@ -12,6 +12,9 @@ first round untimed; each call is forward, loss = <w, out>, backward:
 - ``ours_sd``: ``dictionary="sd", static_atoms="free", num_tokens=N`` (the original's VARS-SD);
 - ``ours_d_deq``, ``ours_sd_deq``: the same layers with ``backward=vd.Implicit()``, whose forward
   is the DEQ preset (FISTA to a relative residual of 1e-3); ``--no-deq`` skips them;
+- ``ours_d_compiled``, ``ours_sd_compiled`` (``--compile``): ``torch.compile`` of ``ours_d`` /
+  ``ours_sd`` (the same modules and weights; the fixed-step forward traces whole), checked
+  against the original like the eager ones; their counts are the eager twin's;
 - ``original_d``, ``original_sd``: ``original_vars_d`` / ``original_vars_sd`` of
   tests/reference_vars.py (the independent reference of the original code) on leaf copies of
   ``ours_d`` / ``ours_sd``'s weights, mapped as tests/test_faithful.py maps them:
@@ -27,6 +30,7 @@ the FLOP floor of the update at these shapes (:func:`flop_floor`). Do not read t
 shared machine as speed: run it alone.
 
     python benchmarks/bench_layer.py                 # DeiT-Tiny shapes, 20 rounds
+    python benchmarks/bench_layer.py --compile       # and torch.compile of ours, same rounds
     python benchmarks/bench_layer.py --quick         # B=2, dim 24, N=17/16, one round
 
 Results: <out>/layer.json and layer.png (default out: benchmarks/results/<device>/).
@@ -233,6 +237,7 @@ def main(argv=None) -> int:
     ap = common.parser(__doc__, default_threads=1)
     ap.add_argument("--repeats", type=int, default=20, help="timed rounds (after one untimed round)")
     ap.add_argument("--no-deq", action="store_true", help="skip the backward=vd.Implicit() variants")
+    ap.add_argument("--compile", action="store_true", help="add torch.compile of ours_d and ours_sd")
     args = ap.parse_args(argv)
     shape = QUICK_SHAPE if args.quick else SHAPE
     if args.quick:
@@ -242,8 +247,16 @@ def main(argv=None) -> int:
     device, out = common.setup(args)
     variants, layers, weights = build_variants(shape, device, deq=not args.no_deq)
     skipped = {f"ours_{kind}_deq": "--no-deq" for kind in PAIRS} if args.no_deq else {}
-    checks = {pair: agreement(pair, layers[ours], weights[pair], variants[ours], variants[original])
-              for pair, (ours, original) in PAIRS.items()}
+    pairs = dict(PAIRS)
+    if args.compile:
+        for pair, (ours, original) in PAIRS.items():
+            v = variants[ours]
+            variants[f"{ours}_compiled"] = Variant(f"{ours}_compiled", torch.compile(layers[ours]), v.params, v.x, v.w)
+            layers[f"{ours}_compiled"] = layers[ours]
+            pairs[f"{pair}_compiled"] = (f"{ours}_compiled", original)
+    checks = {pair: agreement(pair.removesuffix("_compiled"), layers[ours], weights[pair.removesuffix("_compiled")],
+                              variants[ours], variants[original])
+              for pair, (ours, original) in pairs.items()}
     times: dict[str, list[float]] = {n: [] for n in variants}
     with warnings.catch_warnings():
         # an unconverged DEQ forward warns every call; its statistics are recorded instead
@@ -253,13 +266,14 @@ def main(argv=None) -> int:
                 _, seconds = common.timed(variant.step, device)
                 if round_:
                     times[name].append(seconds)
-        rows = {n: {"median_s": common.median(times[n]), "all_s": times[n], **counted_macs(v)}
-                for n, v in variants.items()}
+        rows = {n: {"median_s": common.median(times[n]), "all_s": times[n],
+                    **counted_macs(variants[n.removesuffix("_compiled")])}
+                for n in variants}
     for name, layer in layers.items():
         rows[name]["forward_stats"] = forward_stats(layer)
     ratios = {pair: {"ours": ours, "original": original, "ratio": rows[ours]["median_s"] / rows[original]["median_s"],
                      **checks[pair]}
-              for pair, (ours, original) in PAIRS.items()}
+              for pair, (ours, original) in pairs.items()}
     d, H = shape["dim"] // shape["heads"], shape["heads"]
     floors = {"d": flop_floor(shape["B"], shape["N_d"], shape["dim"], H, 2 * d, 0),
               "sd": flop_floor(shape["B"], shape["N_sd"], shape["dim"], H, 2 * d, 2 * d)}
@@ -285,9 +299,9 @@ def main(argv=None) -> int:
     plot(rows, ratios, floors, out / "layer.png",
          f"one VARS layer, B={shape['B']} dim={shape['dim']} H={H} N={shape['N_d']}/{shape['N_sd']}, float32, "
          f"{common.device_label(device)}, median of {args.repeats}")
-    print(f"{'variant':14s} {'median ms':>10s} {'fwd MMACs':>10s} {'fwd+bwd MMACs':>14s}")
+    print(f"{"variant":17s} {"median ms":>10s} {'fwd MMACs':>10s} {'fwd+bwd MMACs':>14s}")
     for n, r in rows.items():
-        print(f"{n:14s} {r['median_s'] * 1e3:10.2f} {r['forward_macs_counted'] / 1e6:10.1f} "
+        print(f"{n:17s} {r["median_s"] * 1e3:10.2f} {r['forward_macs_counted'] / 1e6:10.1f} "
               f"{r['forward_backward_macs_counted'] / 1e6:14.1f}"
               + (f"  forward steps {r['forward_stats']['steps']:.1f}, converged {r['forward_stats']['converged']:.0%}"
                  if n.endswith("_deq") else ""))

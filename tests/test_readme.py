@@ -23,6 +23,7 @@ SMALL = {
     "evaluate": ["--limit", "16", "--severities", "1", "--corruptions", "gaussian_noise", "--pgd-steps", "1",
                  "--no-progress", "--threads", "1"],
     "maps": ["--num-images", "2", "--no-progress", "--threads", "1"],
+    "study": ["--quick", "--rows", "deit", "vars_sd", "vars_sd_deq", "--no-ablation", "--jobs", "1", "--no-progress"],
 }
 
 
@@ -57,7 +58,7 @@ def test_every_python_block_runs_in_order(tmp_path):
 @pytest.mark.slow
 def test_every_command_line_runs(tmp_path):
     commands = _commands()
-    assert {c[1] for c in commands} >= {"compare", "train", "evaluate", "maps"}
+    assert {c[1] for c in commands} >= {"compare", "train", "evaluate", "maps", "study"}
     bin_dir = Path(sys.executable).parent
     for argv in commands:  # in README order: train writes the checkpoint evaluate and maps read
         exe = bin_dir / argv[0]
