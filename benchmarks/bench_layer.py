@@ -299,9 +299,9 @@ def main(argv=None) -> int:
     plot(rows, ratios, floors, out / "layer.png",
          f"one VARS layer, B={shape['B']} dim={shape['dim']} H={H} N={shape['N_d']}/{shape['N_sd']}, float32, "
          f"{common.device_label(device)}, median of {args.repeats}")
-    print(f"{"variant":17s} {"median ms":>10s} {'fwd MMACs':>10s} {'fwd+bwd MMACs':>14s}")
+    print(f"{'variant':17s} {'median ms':>10s} {'fwd MMACs':>10s} {'fwd+bwd MMACs':>14s}")
     for n, r in rows.items():
-        print(f"{n:17s} {r["median_s"] * 1e3:10.2f} {r['forward_macs_counted'] / 1e6:10.1f} "
+        print(f"{n:17s} {r['median_s'] * 1e3:10.2f} {r['forward_macs_counted'] / 1e6:10.1f} "
               f"{r['forward_backward_macs_counted'] / 1e6:14.1f}"
               + (f"  forward steps {r['forward_stats']['steps']:.1f}, converged {r['forward_stats']['converged']:.0%}"
                  if n.endswith("_deq") else ""))
