@@ -77,6 +77,7 @@ ABLATION_SOURCE = {("steps", "5"): "vars_sd", ("steps", "converged"): "vars_sd_d
 CIFAR_MODEL_KWARGS = {"img_size": 32, "in_chans": 3, "patch_size": 4}
 MAP_CORRUPTION = ("gaussian_noise", 3)
 PLATEAU_EPOCHS = 5
+PGD_CHUNK = 50
 
 
 @dataclass(frozen=True)
@@ -267,8 +268,19 @@ def _pgd(model, x, y, eps: float, cfg: StudyConfig, seed: int) -> dict[str, Any]
     x, y = x[: cfg.pgd_examples], y[: cfg.pgd_examples]
     checkpoints = sorted({0, 1, 2, 5, 10, 20, 50, 100, steps} & set(range(steps + 1)))
     generator = torch.Generator().manual_seed(seed * 1000 + round(eps * 1e4))
-    counts = pgd_robust_counts(model, x, y, eps, steps, sources=_gradient_sources(model, x),
-                               restarts=cfg.pgd_restarts, checkpoints=checkpoints, generator=generator)
+    counts = None
+    # in chunks: unrolling a converged forward keeps every step's tensors for the backward
+    for start in range(0, len(y), PGD_CHUNK):
+        xs, ys = x[start:start + PGD_CHUNK], y[start:start + PGD_CHUNK]
+        part = pgd_robust_counts(model, xs, ys, eps, steps, sources=_gradient_sources(model, xs),
+                                 restarts=cfg.pgd_restarts, checkpoints=checkpoints, generator=generator)
+        if counts is None:
+            counts = part
+            continue
+        counts["num_examples"] += part["num_examples"]
+        counts["robust"] = {k: c + part["robust"][k] for k, c in counts["robust"].items()}
+        counts["per_source"] = {name: {k: c + part["per_source"][name][k] for k, c in v.items()}
+                                for name, v in counts["per_source"].items()}
     n = counts["num_examples"]
     per_source = {name: {str(k): c / n for k, c in v.items()} for name, v in counts["per_source"].items()}
     return {"eps": eps, "steps": steps, "restarts": cfg.pgd_restarts, "num_examples": n, "step_size": 2.5 * eps / steps,
