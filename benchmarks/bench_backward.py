@@ -5,7 +5,7 @@ Lasso problems z* = argmin 1/2 ||v - D(q) z||^2 + lam ||z||_1 with a PerformerDi
 values requiring grad, a forward of K fixed steps (tol=None), loss <w, z> with a fixed cotangent w:
 ``vd.sparse_code(prob, solver, backward=..., max_steps=K, tol=None)``. The backward is an object:
 ``vd.Unroll()``, ``vd.Phantom(steps, tau)``, or ``vd.Implicit(adjoint=..., tol=1e-6)`` with adjoint
-"direct" (batched Cholesky on the support), "auto" (direct or CG by the library's cost model) or
+"direct" (batched Cholesky on the support), "auto" (CG within the direct solve's predicted time, then direct for what it left) or
 "cg" (conjugate gradient on the support).
 
 1. Interleaved comparison (the performance targets of issue 11): for K in {--time-steps (30),
@@ -76,6 +76,8 @@ MMAP_THRESHOLD = 65536
 OWN_RESIDUAL = {
     "direct": "||A u_S - rhs_S|| / ||rhs_S|| of the support system per code column, max over columns",
     "cg": "||r|| / ||rhs|| per code column, max over columns",
+    "cg+direct": "CG's ||r|| / ||rhs|| per code column (the support system's residual where the direct solve "
+                 "finished), max over columns",
     "fixed_point": "||T(u) - u|| / ||g|| over the whole code (the solve loop's residual)",
     "anderson": "||T(u) - u|| / ||g|| over the whole code (the solve loop's residual)",
 }
