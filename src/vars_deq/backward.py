@@ -454,8 +454,9 @@ def _map_adjoint(f, method, tol, max_steps):
 
 def _record_adjoint(stats: AdjointStats | None, method, steps, rel, tol, site=None) -> None:
     # a direct solve is exact to rounding: its residual measures the support Gram's conditioning in
-    # the compute dtype, so it counts as converged below sqrt(eps) as well as below tol
-    limit = max(tol, math.sqrt(torch.finfo(rel.dtype).eps)) if method == "direct" else tol
+    # the compute dtype, so it counts as converged below sqrt(eps) as well as below tol ("cg+direct":
+    # the problems CG left were solved directly, the others are below tol)
+    limit = max(tol, math.sqrt(torch.finfo(rel.dtype).eps)) if method in ("direct", "cg+direct") else tol
     converged = rel < limit
     if stats is not None:
         stats.method, stats.steps, stats.residual, stats.converged = method, steps, rel, converged
