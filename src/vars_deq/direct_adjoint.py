@@ -51,8 +51,9 @@ CPU, one thread, from measured backward times: the per-flop terms from the DeiT-
 of ``benchmarks/bench_backward.py`` (24 problems, M=128, C=64, supports up to 107 atoms: the direct
 solve 0.259 s, CG 120 iterations in 0.165 s), the per-call terms from the small shape of
 ``benchmarks/bench_adjoint_cost.py --quick`` (about 1 ms a direct solve, 0.5 ms a CG iteration).
-``benchmarks/bench_adjoint_cost.py`` fits both over several shapes and records the library's
-values beside its fit. Small batched Cholesky factorizations and gathers run far below the
+``benchmarks/bench_adjoint_cost.py`` fits both over four shapes and records the library's
+values beside its fit; with these values "auto" stayed within 1.5x of the faster adjoint on
+each of them (benchmarks/results/cpu/adjoint_cost.json). Small batched Cholesky factorizations and gathers run far below the
 matrix-product throughput of CG, and on small problems a CG iteration's fixed cost (its kernels
 and the Python around them) outweighs its flops."""
 
