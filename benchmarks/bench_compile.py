@@ -22,6 +22,7 @@ Results: <out>/compile.json and compile.png (default out: benchmarks/results/<de
 from __future__ import annotations
 
 import copy
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -97,7 +98,7 @@ def measure(name: str, args, device: torch.device) -> dict[str, Any]:
 def plot(results: dict[str, dict], path: Path, title: str) -> None:
     plt = common.pyplot()
     names = list(results)
-    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(names), 4))
+    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * max(1, len(names)), 4))
     xs = range(len(names))
     ax.bar([i - 0.2 for i in xs], [1e3 * results[n]["eager_step_s"] for n in names], 0.4, label="eager")
     c = ax.bar([i + 0.2 for i in xs], [1e3 * results[n]["compiled_step_s"] for n in names], 0.4,
@@ -128,7 +129,11 @@ def main(argv=None) -> int:
         ap.error("--batch-size and --steps must be >= 1, --warmup >= 0")
     device, out = common.setup(args)
     results = {}
-    for name in args.models:
+    skipped = None
+    if device.type == "cpu" and not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
+        skipped = "no C++ compiler on this machine: inductor cannot generate CPU code"
+        print(f"skipped: {skipped}")
+    for name in [] if skipped else args.models:
         r = results[name] = measure(name, args, device)
         print(f"  {name:15s} eager {1e3 * r['eager_step_s']:8.1f} ms  compiled {1e3 * r['compiled_step_s']:8.1f} ms "
               f"= {r['compiled_over_eager']:.2f}x  (first call {r['first_compiled_call_s']:.0f} s, "
@@ -136,7 +141,7 @@ def main(argv=None) -> int:
     label = common.device_label(device)
     common.write_json(out / "compile.json", {
         "benchmark": "compile", "quick": args.quick, "config": {**vars(args), "out": str(out), "device": str(device)},
-        "environment": common.environment(device), "results": results})
+        "environment": common.environment(device), "results": results, "skipped": skipped})
     plot(results, out / "compile.png", f"torch.compile, batch {args.batch_size}, {label}, mode {args.mode}")
     print(f"wrote {out / 'compile.json'} and {out / 'compile.png'}")
     return 0

@@ -101,6 +101,8 @@ def test_backward_interleaved_comparison_has_every_adjoint_and_both_targets(quic
 
 def test_compile_quick_checked_agreement_before_timing(quick_results):
     data = load(quick_results[0], "compile")
+    if data["skipped"]:
+        pytest.skip(data["skipped"])
     (row,) = data["results"].values()
     assert row["graph_breaks"] == 0 and row["max_rel_diff_loss_and_grads"] <= data["config"]["agreement_tol"]
     assert row["eager_step_s"] > 0 and row["compiled_step_s"] > 0

@@ -4,6 +4,8 @@ by gradcheck, and inside the layer behind ``vars_deq.unrolled.ENABLED``)."""
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from hypothesis import given
@@ -266,7 +268,11 @@ def test_direct_adjoint_with_the_union_gram_matches_the_plain_union():
         torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9)
 
 
+NO_CXX = not any(shutil.which(c) for c in ("c++", "g++", "clang++"))
+
+
 @pytest.mark.slow
+@pytest.mark.skipif(NO_CXX, reason="inductor needs a C++ compiler for CPU code")
 @pytest.mark.parametrize("name", ["vars_sd_digits"])  # its union holds VARS-D's features and free atoms
 def test_torch_compile_traces_the_fixed_step_model_whole_and_matches_eager(name):
     """The fixed-step forward never synchronises: inductor takes the whole model, with no graph
