@@ -47,19 +47,28 @@ def pgd_attack(
         step_size = 2.5 * eps / steps if steps else 0.0
     if not step_size >= 0:
         raise ValueError(f"step_size must be >= 0, got {step_size}")
+    x_adv = x.detach()
+    for _, x_adv in _iterates(model, x, y, eps, steps, step_size, random_start, generator):
+        pass
+    return x_adv
+
+
+def _iterates(model, x, y, eps, steps, step_size, random_start, generator):
+    """(step, x_k) for k = 0 (the start) .. steps of signed-gradient ascent projected on the ball."""
     x = x.detach()
     lo, hi = (x - eps).clamp(0, 1), (x + eps).clamp(0, 1)
     x_adv = x.clone()
     if random_start and eps > 0:
         noise = torch.rand(x.shape, generator=generator, dtype=torch.float32).to(device=x.device, dtype=x.dtype)
         x_adv = torch.max(torch.min(x + eps * (2 * noise - 1), hi), lo)
-    for _ in range(steps):
+    yield 0, x_adv
+    for step in range(1, steps + 1):
         x_adv.requires_grad_(True)
         with torch.enable_grad():
             loss = F.cross_entropy(model(x_adv).float(), y)
             (grad,) = torch.autograd.grad(loss, x_adv)
         x_adv = torch.max(torch.min(x_adv.detach() + step_size * grad.sign(), hi), lo)
-    return x_adv.detach()
+        yield step, x_adv.detach()
 
 
 def pgd_robust_counts(
@@ -99,27 +108,14 @@ def pgd_robust_counts(
     if step_size is None:
         step_size = 2.5 * eps / steps if steps else 0.0
     x, model = x.detach(), model.eval()
-    lo, hi = (x - eps).clamp(0, 1), (x + eps).clamp(0, 1)
     fooled = {name: torch.zeros(len(checks), x.shape[0], dtype=torch.bool, device=x.device) for name in sources}
-
-    def judge(name: str, x_adv: torch.Tensor, step: int) -> None:
-        if step in checks:
-            with torch.no_grad():
-                fooled[name][checks.index(step)] |= model(x_adv).argmax(-1) != y
-
     for name, source in sources.items():
         source.eval()
         for _ in range(restarts):
-            noise = torch.rand(x.shape, generator=generator, dtype=torch.float32).to(device=x.device, dtype=x.dtype)
-            x_adv = torch.max(torch.min(x + eps * (2 * noise - 1), hi), lo)
-            judge(name, x_adv, 0)
-            for step in range(1, steps + 1):
-                x_adv.requires_grad_(True)
-                with torch.enable_grad():
-                    loss = F.cross_entropy(source(x_adv).float(), y)
-                    (grad,) = torch.autograd.grad(loss, x_adv)
-                x_adv = torch.max(torch.min(x_adv.detach() + step_size * grad.sign(), hi), lo)
-                judge(name, x_adv, step)
+            for step, x_adv in _iterates(source, x, y, eps, steps, step_size, True, generator):
+                if step in checks:
+                    with torch.no_grad():
+                        fooled[name][checks.index(step)] |= model(x_adv).argmax(-1) != y
 
     def robust(flags: torch.Tensor) -> dict[int, int]:  # fooled at any judged iterate up to k
         return {k: int((~flags[: i + 1].any(0)).sum()) for i, k in enumerate(checks)}

@@ -151,13 +151,13 @@ def plan(cfg: StudyConfig) -> list[Job]:
     return sorted(jobs, key=lambda j: -cost.get(j.model, 1.0))
 
 
-def _dataset(cfg: StudyConfig, quick_root: Path) -> dict[str, Any]:
+def _dataset(cfg: StudyConfig) -> dict[str, Any]:
     if cfg.dataset == "cifar10":
         return {"dataset": "cifar10", "data_dir": cfg.data_dir}
     if cfg.quick:
         from ..data import write_digits_folder
 
-        return {"dataset": "imagefolder", "data_dir": str(write_digits_folder(quick_root, 8, 4))}
+        return {"dataset": "imagefolder", "data_dir": str(write_digits_folder(Path(cfg.runs) / "quick_digits", 8, 4))}
     return {"dataset": "digits"}
 
 
@@ -171,7 +171,7 @@ def run_job(job: Job) -> dict[str, Any]:
     cfg = job.cfg
     set_threads(cfg.threads)
     out = Path(job.output)
-    data = _dataset(cfg, Path(cfg.runs) / "quick_digits")
+    data = _dataset(cfg)
     model_kwargs = dict(CIFAR_MODEL_KWARGS) if cfg.dataset == "cifar10" else {}
     reused = (out / "summary.json").exists()
     t0 = time.perf_counter()
@@ -205,7 +205,6 @@ def run_job(job: Job) -> dict[str, Any]:
             record["pgd"] = {f"{eps:g}": _pgd(model, x, y, eps, cfg, job.seed) for eps in cfg.pgd_eps}
             record["map_stability"] = _map_stability(model, x)
     record["eval_s"] = time.perf_counter() - t0
-    torch.set_num_threads(cfg.threads)
     return record
 
 
@@ -535,7 +534,7 @@ def maps_figure(cfg: StudyConfig, jobs: list[Job], path: Path, images: int = 3) 
     from ..plots import plot_attention_maps
     from ..train import model_from_checkpoint
 
-    data = _dataset(cfg, Path(cfg.runs) / "quick_digits")
+    data = _dataset(cfg)
     panels, labels = {}, None
     for job in jobs:
         if job.seed != 0 or not job.full_eval:
