@@ -4,9 +4,13 @@ The fixed-step forward (tol=None, the original's 5 ISTA steps) never synchronise
 so inductor traces a whole model, VARS layers included, into one graph (no graph breaks; the
 count is recorded). Per model, two copies with the same weights:
 
-1. agreement: loss and every parameter gradient of one step, compiled against eager
-   (float32; the worst relative difference over the tensors is recorded and must stay below
-   ``--agreement-tol``, else the benchmark stops before timing);
+1. agreement: loss and every parameter gradient of one step, compiled and eager, both judged
+   against the same step in float64 (eager). Float32 alone cannot judge: the query-weight
+   gradients of VARS-D pass through exp of the Performer features and a coherent support
+   solve, and eager float32 itself is 2e-3 away from float64 there. Per tensor, the compiled
+   error must stay within twice eager's float32 error or ``--agreement-tol``, else the
+   benchmark stops before timing. (In float64 compiled and eager agree to 1e-15; tested in
+   tests/test_fast_paths.py.)
 2. timing: ``--steps`` training steps (forward, cross-entropy, backward; no optimizer, the same
    batch) alternating eager and compiled, after ``--warmup`` untimed ones; medians and the ratio.
    The first compiled call's time (tracing and code generation) is reported on its own.
@@ -61,6 +65,24 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
+def agreement(compiled, eager, x, y, tol: float, device: torch.device) -> tuple[dict[str, float], float]:
+    """Compiled and eager float32 errors against eager float64, per tensor; the first compiled call's time."""
+    (loss_c, grads_c), first = common.timed(lambda: grads_of(compiled, x, y), device)
+    loss_e, grads_e = grads_of(eager, x, y)
+    loss_r, grads_r = grads_of(copy.deepcopy(eager).double(), x.double(), y)
+    tensors = {"loss": (loss_c, loss_e, loss_r), **{n: (grads_c[n], grads_e[n], r) for n, r in grads_r.items()}}
+    report = {"max_rel_diff_loss_and_grads": 0.0, "max_rel_error_compiled": 0.0, "max_rel_error_eager": 0.0}
+    for n, (c, e, r) in tensors.items():
+        err_c, err_e = rel(c.double(), r), rel(e.double(), r)
+        report["max_rel_diff_loss_and_grads"] = max(report["max_rel_diff_loss_and_grads"], rel(c, e))
+        report["max_rel_error_compiled"] = max(report["max_rel_error_compiled"], err_c)
+        report["max_rel_error_eager"] = max(report["max_rel_error_eager"], err_e)
+        if not err_c <= max(tol, 2 * err_e):
+            raise SystemExit(f"{n}: compiled float32 is {err_c:.1e} from float64, eager float32 {err_e:.1e} "
+                             f"(allowed: max({tol:g}, 2x eager)); not timing different computations")
+    return report, first
+
+
 def measure(name: str, args, device: torch.device) -> dict[str, Any]:
     import torch._dynamo
 
@@ -74,12 +96,7 @@ def measure(name: str, args, device: torch.device) -> dict[str, Any]:
     torch._dynamo.utils.counters.clear()
     compiled = torch.compile(copy.deepcopy(eager), mode=args.mode)
     t0 = time.perf_counter()
-    (loss_c, grads_c), first = common.timed(lambda: grads_of(compiled, x, y), device)
-    loss_e, grads_e = grads_of(eager, x, y)
-    worst = max([rel(loss_c, loss_e)] + [rel(grads_c[n], g) for n, g in grads_e.items()])
-    if not worst <= args.agreement_tol:
-        raise SystemExit(f"{name}: compiled and eager differ by {worst:.1e} relative (> {args.agreement_tol:g}); "
-                         "not timing different computations")
+    report, first = agreement(compiled, eager, x, y, args.agreement_tol, device)
     times = {"eager": [], "compiled": []}
     for i in range(args.warmup + args.steps):
         for label, model in (("eager", eager), ("compiled", compiled)):  # interleaved
@@ -90,7 +107,7 @@ def measure(name: str, args, device: torch.device) -> dict[str, Any]:
     breaks = sum(torch._dynamo.utils.counters["graph_break"].values())
     return {"model": registered, "img_size": size, "batch": args.batch_size, "mode": args.mode,
             "first_compiled_call_s": first, "setup_s": time.perf_counter() - t0,
-            "graph_breaks": breaks, "max_rel_diff_loss_and_grads": worst,
+            "graph_breaks": breaks, **report,
             "eager_step_s": med["eager"], "compiled_step_s": med["compiled"],
             "compiled_over_eager": med["compiled"] / med["eager"], "step_times_s": times}
 
@@ -119,7 +136,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=5, help="timed steps per variant")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--mode", default="default", help="torch.compile mode (default, reduce-overhead, max-autotune, ...)")
-    ap.add_argument("--agreement-tol", type=float, default=1e-4)
+    ap.add_argument("--agreement-tol", type=float, default=1e-4,
+                    help="relative error against float64 always allowed, whatever eager float32's own error")
     args = ap.parse_args(argv)
     if args.models is None:
         args.models = list(QUICK_MODELS if args.quick else DEFAULT_MODELS)
@@ -137,7 +155,8 @@ def main(argv=None) -> int:
         r = results[name] = measure(name, args, device)
         print(f"  {name:15s} eager {1e3 * r['eager_step_s']:8.1f} ms  compiled {1e3 * r['compiled_step_s']:8.1f} ms "
               f"= {r['compiled_over_eager']:.2f}x  (first call {r['first_compiled_call_s']:.0f} s, "
-              f"{r['graph_breaks']} graph breaks, max rel diff {r['max_rel_diff_loss_and_grads']:.1e})", flush=True)
+              f"{r['graph_breaks']} graph breaks; float32 error vs float64: compiled {r['max_rel_error_compiled']:.1e}, "
+              f"eager {r['max_rel_error_eager']:.1e})", flush=True)
     label = common.device_label(device)
     common.write_json(out / "compile.json", {
         "benchmark": "compile", "quick": args.quick, "config": {**vars(args), "out": str(out), "device": str(device)},

@@ -104,7 +104,8 @@ def test_compile_quick_checked_agreement_before_timing(quick_results):
     if data["skipped"]:
         pytest.skip(data["skipped"])
     (row,) = data["results"].values()
-    assert row["graph_breaks"] == 0 and row["max_rel_diff_loss_and_grads"] <= data["config"]["agreement_tol"]
+    assert row["graph_breaks"] == 0
+    assert row["max_rel_error_compiled"] <= max(data["config"]["agreement_tol"], 2 * row["max_rel_error_eager"])
     assert row["eager_step_s"] > 0 and row["compiled_step_s"] > 0
     assert len(row["step_times_s"]["eager"]) == len(row["step_times_s"]["compiled"]) == data["config"]["steps"]
 

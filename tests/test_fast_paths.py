@@ -273,10 +273,15 @@ NO_CXX = not any(shutil.which(c) for c in ("c++", "g++", "clang++"))
 
 @pytest.mark.slow
 @pytest.mark.skipif(NO_CXX, reason="inductor needs a C++ compiler for CPU code")
-@pytest.mark.parametrize("name", ["vars_sd_digits"])  # its union holds VARS-D's features and free atoms
-def test_torch_compile_traces_the_fixed_step_model_whole_and_matches_eager(name):
+@pytest.mark.parametrize("name, dtype, rtol", [
+    ("vars_sd_digits", torch.float32, 1e-4),  # its union holds VARS-D's features and free atoms
+    # VARS-D's query gradients are 2e-3 sensitive to float32 rounding (exp features, coherent
+    # support) in eager too, so exactness is checked where rounding is small
+    ("vars_d_digits", torch.float64, 1e-10),
+])
+def test_torch_compile_traces_the_fixed_step_model_whole_and_matches_eager(name, dtype, rtol):
     """The fixed-step forward never synchronises: inductor takes the whole model, with no graph
-    break, and its loss and gradients are eager's to float32 rounding."""
+    break, and its loss and gradients are eager's to rounding."""
     import copy
 
     import timm
@@ -285,8 +290,8 @@ def test_torch_compile_traces_the_fixed_step_model_whole_and_matches_eager(name)
     import vars_deq.models  # noqa: F401  (registers the models)
 
     torch.manual_seed(0)
-    eager = timm.create_model(name, depth=1).train()
-    x, y = torch.rand(8, 1, 8, 8), torch.arange(8)
+    eager = timm.create_model(name, depth=1).train().to(dtype)
+    x, y = torch.rand(8, 1, 8, 8, dtype=dtype), torch.arange(8)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     compiled = torch.compile(copy.deepcopy(eager))
@@ -301,4 +306,4 @@ def test_torch_compile_traces_the_fixed_step_model_whole_and_matches_eager(name)
     assert sum(torch._dynamo.utils.counters["graph_break"].values()) == 0
     assert len(got) == len(want)
     for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(g, w, rtol=rtol, atol=rtol * 1e-2)
