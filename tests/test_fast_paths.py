@@ -307,3 +307,53 @@ def test_torch_compile_traces_the_fixed_step_model_whole_and_matches_eager(name,
     assert len(got) == len(want)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=rtol, atol=rtol * 1e-2)
+
+
+@given(seed=st.integers(0, 2**31 - 1), scalar=st.booleans(), dtype=st.sampled_from([torch.float32, F64]))
+def test_soft_threshold_by_clamp_is_the_textbook_formula_bitwise_and_in_gradient(seed, scalar, dtype):
+    """S_t(u) = u - clamp(u, -t, t) (two passes) equals sign(u) max(|u| - t, 0) bit for bit, and
+    its gradients in u and t agree away from the kinks |u| = t."""
+    from vars_deq.prox import soft_threshold
+
+    gen = torch.Generator().manual_seed(seed)
+    u = (3 * torch.randn(4, 6, 5, generator=gen, dtype=dtype)).requires_grad_()
+    t = torch.tensor(0.7, dtype=dtype) if scalar else torch.rand(4, 1, 1, generator=gen, dtype=dtype) * 2
+    t.requires_grad_()
+    got = soft_threshold(u, t)
+    want = torch.sign(u) * torch.relu(u.abs() - t)
+    assert torch.equal(got, want)
+    w = torch.randn(got.shape, generator=gen, dtype=dtype)
+    g_got = torch.autograd.grad((got * w).sum(), (u, t))
+    g_want = torch.autograd.grad((want * w).sum(), (u, t))
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a, b, rtol=1e-12 if dtype is F64 else 1e-5, atol=1e-12 if dtype is F64 else 1e-5)
+
+
+@given(seed=st.integers(0, 2**31 - 1), steps=st.integers(1, 12))
+def test_plain_fista_steps_like_the_general_formula(seed, steps):
+    """Plain FISTA keeps u = x, so y = x + c (x - x_prev), and takes G y itself: the iterates of
+    the general step (with the a (u - x) term and G y combined from the stored products) to
+    rounding, with no Gram product kept in the state."""
+    from vars_deq.solvers.fista import FISTA
+
+    gen = torch.Generator().manual_seed(seed)
+    D = _normalized(torch.randn(3, 7, 5, generator=gen, dtype=F64))
+    x = torch.randn(3, 7, 2, generator=gen, dtype=F64)
+    problem = vd.SparseCoding(DenseOperator(D), x, lam=0.2).flat()
+    plain = FISTA()
+    sp = plain.init(problem, problem.b)
+    gb = problem.normal(problem.b)
+    sg = sp._replace(gx=gb, gxp=gb)
+    assert sp.u is None and sp.gx is None and sp.gxp is None
+    for _ in range(steps):
+        sp, yp, tp = plain.step(problem, sp)
+        # the general formula with u = x: a (u - x) vanishes exactly
+        t_new = 0.5 * (1 + torch.sqrt(1 + 4 * sg.t * sg.t))
+        a, c = sg.t / t_new, (sg.t - 1) / t_new
+        y = sg.x + a * (sg.x - sg.x) + c * (sg.x - sg.xp)
+        gy = sg.gx + a * (sg.gx - sg.gx) + c * (sg.gx - sg.gxp)
+        tz = problem.T_from(y, gy)
+        torch.testing.assert_close(yp, y, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(tp, tz, rtol=1e-12, atol=1e-12)
+        assert sp.u is None and sp.gx is None
+        sg = sg._replace(xp=sg.x, gxp=sg.gx, x=tz, gx=problem.normal(tz), t=t_new)

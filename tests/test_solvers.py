@@ -325,10 +325,10 @@ def test_each_problem_stops_on_its_own(solver, dtype):
         assert float(rt[s - 1, p]) == float(sol.stats.residual[p])
 
 
-@pytest.mark.parametrize("solver,extra", [("ista", 0), ("fista", 1), ("mfista", 1)])
+@pytest.mark.parametrize("solver,extra", [("ista", 0), ("fista", 0), ("mfista", 1)])
 def test_stopped_problems_cost_no_more_products(solver, extra):
     """Gram products touch only the problems still running: sum of batch rows = sum of steps
-    (+ one product per problem at FISTA's start)."""
+    (+ one product per problem at the start of MFISTA, whose energies need G x_0)."""
     D, x = _graded_problems()
     counter = []
     op = CountingOperator(D, counter)

@@ -11,7 +11,11 @@ Plain FISTA satisfies E(x_k) - E* <= 2 L ||x_0 - x*||^2 / (k + 1)^2 but is not m
 Restart "function" resets the momentum (t = 1) when E(u_{k+1}) > E(x_k); "gradient" when
 <y_k - u_{k+1}, u_{k+1} - x_k> > 0. Restarts are per problem.
 
-The Gram products are linear, so G y is combined from G u and G x: one product per step.
+One Gram product per step. Plain FISTA keeps u = x, so its step is y = x + c (x - x_prev) and it
+takes G y directly; with a restart or the monotone choice the energies need G u, so G y is
+combined from G u, G x and G x_prev (linear). On VARS-sized problems an elementwise pass over the
+codes costs about as much as the product, so the plain step, with three passes fewer and no Gram
+products in its state, is the faster one.
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ RESTARTS = (None, "function", "gradient")
 class FISTAState(NamedTuple):
     """x: the iterate, xp: the previous one, u = T(y) of the last step; g*: their Gram products
     G x, G xp, G u (P, M, C); t: the momentum (P, 1, 1); ex: E(x), only where monotone or
-    function restart need it (else None)."""
+    function restart need it (else None). Plain FISTA keeps only x, xp and t (u = x, and it forms
+G y itself): the other fields are None."""
 
     x: torch.Tensor
     gx: torch.Tensor
@@ -52,17 +57,29 @@ class FISTA(StepSolver):
     def __repr__(self) -> str:
         return f"FISTA(restart={self.restart!r}, monotone={self.monotone})"
 
+    @property
+    def plain(self) -> bool:
+        """No restart and no monotone choice: every step keeps u = x."""
+        return self.restart is None and not self.monotone
+
     def init(self, problem, z0):
-        gz = problem.normal(z0)
         # t = 0 makes the first step plain (y_1 = x_0) and sets t_1 = 1, as in Beck & Teboulle
         t = torch.zeros(z0.shape[0], 1, 1, dtype=z0.dtype, device=z0.device)
+        if self.plain:
+            return FISTAState(z0, None, z0, None, None, None, t, None)
+        gz = problem.normal(z0)
         needs_energy = self.monotone or self.restart == "function"
         return FISTAState(z0, gz, z0, gz, z0, gz, t, problem.energy_from(z0, gz) if needs_energy else None)
 
     def step(self, problem, state, may_sync=False):
         x, gx, xp, gxp, u, gu, t = state.x, state.gx, state.xp, state.gxp, state.u, state.gu, state.t
         t_new = 0.5 * (1 + torch.sqrt(1 + 4 * t * t))
-        a, c = t / t_new, (t - 1) / t_new
+        c = (t - 1) / t_new
+        if self.plain:
+            y = x + c * (x - xp)
+            u_new = problem.T(y)
+            return FISTAState(u_new, None, x, None, None, None, t_new, None), y, u_new
+        a = t / t_new
         y = x + a * (u - x) + c * (x - xp)
         gy = gx + a * (gu - gx) + c * (gx - gxp)
         u_new = problem.T_from(y, gy)
