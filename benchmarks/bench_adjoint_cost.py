@@ -8,7 +8,9 @@ adjoint (median of ``--repeats`` interleaved rounds), the CG iterations it took,
 counted flop of each (``direct_flops`` and ``cg_flops`` at the iterations taken, from
 vars_deq.direct_adjoint). A least-squares fit over the shapes of
 
-    t_direct = a_d + b_d direct_flops,    t_cg / iterations = a_cg + b_cg cg_flops(1 iteration)
+    t_direct = a_d groups + b_d direct_flops,    t_cg / iterations = a_cg + b_cg cg_flops(1 iteration)
+
+(groups: the batched factorizations of the support-size groups, ``support_groups``)
 
 (non-negative) gives ``DIRECT_COST`` = (a_d, b_d) and ``CG_ITERATION_COST`` = (a_cg, b_cg) in
 vars_deq/direct_adjoint.py, from which "auto" gives CG as many iterations as the direct solve
@@ -35,7 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 import vars_deq as vd  # noqa: E402
-from vars_deq.direct_adjoint import CG_ITERATION_COST, DIRECT_COST, cg_budget, cg_flops, direct_flops  # noqa: E402
+from vars_deq.direct_adjoint import (  # noqa: E402
+    CG_ITERATION_COST, DIRECT_COST, cg_budget, cg_flops, direct_flops, support_groups)
 
 LAM = 0.3
 #: name -> (problems P, tokens N, atoms M, code columns C, query dim d)
@@ -63,7 +66,7 @@ def problem(shape, device, seed=0):
 def backward_once(atoms, v, w, adjoint: str, device) -> tuple[float, Any, int]:
     z, sol = vd.sparse_code(vd.SparseCoding(atoms, v, LAM), solver="fista", max_steps=2000, tol=1e-4,
                             backward=vd.Implicit(adjoint=adjoint, max_steps=2000), return_solution=True)
-    support = int((z.detach() != 0).sum(-2).max())
+    support = support_groups(z.detach().flatten(0, 1) != 0)
     loss = (z * w).sum()
     v.grad = None
     _, t = common.timed(lambda: loss.backward(), device)
@@ -81,28 +84,30 @@ def measure(name: str, shape, args, device) -> dict[str, Any]:
             if r:  # the first round warms up
                 times[adjoint].append(t)
             info[adjoint] = {"method": stats.method, "steps_max": int(stats.steps.max()),
-                             "converged": bool(stats.converged.all()), "s_max": support}
+                             "converged": bool(stats.converged.all())}
     med = {a: common.median(ts) for a, ts in times.items()}
-    s_max = info["direct"]["s_max"]
     iterations = info["cg"]["steps_max"]
-    return {"shape": {"P": P, "N": N, "M": M, "C": C}, "s_max": s_max, "median_backward_s": med, "runs": info,
-            "direct_flops": direct_flops(P, C, M, s_max), "cg_flops_per_iteration": cg_flops(P, C, M, 1),
+    return {"shape": {"P": P, "N": N, "M": M, "C": C}, "s_max": max(support, default=0),
+            "support_groups": {str(s): n for s, n in support.items()}, "median_backward_s": med, "runs": info,
+            "direct_flops": direct_flops(M, support), "direct_calls": max(1, len(support)),
+            "cg_flops_per_iteration": cg_flops(P, C, M, 1),
             "cg_s_per_iteration": med["cg"] / iterations,
             "break_even_cg_iterations": med["direct"] / (med["cg"] / iterations),
-            "library_cg_budget": cg_budget(P, C, M, s_max),
+            "library_cg_budget": cg_budget(P, C, M, support),
             "faster": min(("direct", "cg"), key=lambda a: med[a]),
             "auto_over_faster": med["auto"] / min(med["direct"], med["cg"])}
 
 
-def fit(flops: list[float], seconds: list[float]) -> tuple[float, float]:
-    """(a, b) >= 0 minimizing sum (a + b f - t)^2."""
+def fit(flops: list[float], seconds: list[float], calls: list[float] | None = None) -> tuple[float, float]:
+    """(a, b) >= 0 minimizing sum (a n + b f - t)^2, n the calls (1 each where not given)."""
     f, t = np.asarray(flops, dtype=float), np.asarray(seconds, dtype=float)
+    n = np.ones_like(f) if calls is None else np.asarray(calls, dtype=float)
     if len(f) > 1:
-        (a, b), *_ = np.linalg.lstsq(np.stack([np.ones_like(f), f], 1), t, rcond=None)
+        (a, b), *_ = np.linalg.lstsq(np.stack([n, f], 1), t, rcond=None)
         if a >= 0 and b >= 0:
             return float(a), float(b)
-    candidates = [(0.0, float((t * f).sum() / (f * f).sum())), (float(t.mean()), 0.0)]
-    return min(candidates, key=lambda ab: float(((ab[0] + ab[1] * f - t) ** 2).sum()))
+    candidates = [(0.0, float((t * f).sum() / (f * f).sum())), (float((t * n).sum() / (n * n).sum()), 0.0)]
+    return min(candidates, key=lambda ab: float(((ab[0] * n + ab[1] * f - t) ** 2).sum()))
 
 
 def plot(results: dict[str, dict], fitted: dict[str, tuple[float, float]], path: Path, title: str) -> None:
@@ -150,7 +155,8 @@ def main(argv=None) -> int:
               f"{r['auto_over_faster']:.2f}x the faster)  break-even {r['break_even_cg_iterations']:.0f} it "
               f"(library budget {r['library_cg_budget']})", flush=True)
     rows = list(results.values())
-    fitted = {"DIRECT_COST": fit([r["direct_flops"] for r in rows], [r["median_backward_s"]["direct"] for r in rows]),
+    fitted = {"DIRECT_COST": fit([r["direct_flops"] for r in rows], [r["median_backward_s"]["direct"] for r in rows],
+                                 [r["direct_calls"] for r in rows]),
               "CG_ITERATION_COST": fit([r["cg_flops_per_iteration"] for r in rows],
                                        [r["cg_s_per_iteration"] for r in rows])}
     summary = {"fitted": fitted, "library": {"DIRECT_COST": DIRECT_COST, "CG_ITERATION_COST": CG_ITERATION_COST},

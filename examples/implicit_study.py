@@ -4,7 +4,9 @@ Methods (every other setting is the library default: adamw 1e-3, cosine, 1 warm-
 
     unroll-5ista     backprop through the original code's forward, 5 ISTA steps (the unroll preset)
     unroll-fista     backprop through a converged forward: FISTA to relative residual 1e-3, <= 100 steps
-    implicit-direct  implicit gradient (DEQ forward preset: FISTA, 1e-3, <= 100), adjoint by Cholesky on the support
+    implicit         the library's default for backward="implicit": the DEQ forward preset (FISTA to 1e-3,
+                     <= 100 steps) and the "auto" adjoint (CG within the direct solve's predicted time, then direct)
+    implicit-direct  implicit gradient (DEQ forward preset), adjoint by Cholesky on the support
     implicit-cg      the same with the adjoint by conjugate gradients on the active set
     phantom-5        phantom gradient (Geng et al. 2021): k = 5 undamped steps (tau = 1) from the equilibrium
     jfb              Jacobian-free backprop (Fung et al. 2022): phantom with k = 1
@@ -51,6 +53,7 @@ DEFAULT_OUT = "benchmarks/results/cpu/implicit_study.json"
 METHODS: dict[str, dict[str, Any]] = {
     "unroll-5ista": {"backward": "unroll"},
     "unroll-fista": {"backward": "unroll", "solver": "fista", "tol": 1e-3, "max_steps": 100},
+    "implicit": {"backward": "implicit"},
     "implicit-direct": {"backward": "implicit", "adjoint": "direct"},
     "implicit-cg": {"backward": "implicit", "adjoint": "cg"},
     "phantom-5": {"backward": "phantom", "phantom_steps": 5, "tau": 1.0},

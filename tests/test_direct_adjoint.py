@@ -18,6 +18,7 @@ from vars_deq.direct_adjoint import (
     cg_flops,
     cg_budget,
     direct_flops,
+    support_groups,
     support_solve,
 )
 from vars_deq.prox import active_mask
@@ -220,6 +221,43 @@ def test_half_precision_input_computes_in_float32(dtype):
         assert torch.equal(support_solve(gram.float(), mask, rhs.float(), 0.1)[0], u32)
 
 
+@given(case=spd_cases(), bucket=st.sampled_from((1, 2, 3)))
+def test_solve_grouped_by_support_size_equals_one_padded_group(case, bucket):
+    """Columns factorized in groups of one padded support size (the fast path) give the solve of
+    every column padded to the largest support (one group), to rounding."""
+    gram, mask, rhs, eta, ridge = case
+    before = direct_adjoint.SUPPORT_BUCKET
+    try:
+        direct_adjoint.SUPPORT_BUCKET = 10**6  # every column padded to the largest support
+        one = support_solve(gram, mask, rhs, eta, ridge)
+        direct_adjoint.SUPPORT_BUCKET = bucket
+        grouped = support_solve(gram, mask, rhs, eta, ridge)
+        groups = support_groups(mask)
+    finally:
+        direct_adjoint.SUPPORT_BUCKET = before
+    torch.testing.assert_close(grouped[0], one[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grouped[1], one[1], rtol=0, atol=1e-12)
+    sizes = mask.sum(-2).flatten()
+    assert sum(groups.values()) == int((sizes > 0).sum())
+    assert all(s % bucket == 0 or s == int(sizes.max()) for s in groups)
+
+
+def test_columns_of_many_support_sizes_match_dense_solves():
+    """M = 40 atoms, supports of 1 to 40: several groups of SUPPORT_BUCKET, each exact."""
+    g = torch.Generator().manual_seed(3)
+    P, M, C = 2, 40, 12
+    D = torch.randn(P, 2 * M, M, generator=g, dtype=F64)
+    gram = D.transpose(1, 2) @ D
+    sizes = torch.linspace(1, M, P * C).round().long().reshape(P, C)
+    ranks = torch.rand(P, M, C, generator=g).argsort(1).argsort(1)
+    mask = ranks < sizes[:, None, :]
+    rhs = torch.randn(P, M, C, generator=g, dtype=F64)
+    assert len(support_groups(mask)) == M // direct_adjoint.SUPPORT_BUCKET
+    u, rel = support_solve(gram, mask, rhs, 0.3)
+    torch.testing.assert_close(u, dense_reference(gram, mask, rhs, 0.3), rtol=1e-9, atol=1e-9)
+    assert float(rel.max()) < 1e-10
+
+
 @given(spd_cases())
 def test_chunked_solve_equals_one_chunk(case):
     gram, mask, rhs, eta, ridge = case
@@ -307,24 +345,28 @@ def test_lasso_implicit_gradient_matches_finite_differences(seed, nonneg, frac):
 
 
 def test_flop_counts():
-    assert direct_flops(2, 3, 10, 6) == 2 * 3 * (6**3 / 3 + 5 * 36 + 20)
+    assert direct_flops(10, {6: 6}) == 6 * (6**3 / 3 + 5 * 36 + 20)
+    assert direct_flops(10, {6: 2, 8: 1}) == 2 * (6**3 / 3 + 5 * 36 + 20) + (8**3 / 3 + 5 * 64 + 20)
     assert cg_flops(2, 3, 10, 7) == 2 * 3 * 7 * (2 * 100 + 100)
-    assert direct_flops(4, 5, 8, 0) == 4 * 5 * 16 and cg_flops(4, 5, 8, 0) == 0
+    assert direct_flops(8, {}) == 0 and cg_flops(4, 5, 8, 0) == 0
 
 
 @given(P=st.integers(1, 64), C=st.integers(1, 64), M=st.integers(1, 256), data=st.data())
 def test_cg_budget_is_the_direct_solve_in_cg_iterations(P, C, M, data):
-    s = data.draw(st.integers(0, M), label="s_max")
+    sizes = data.draw(st.lists(st.integers(1, M), max_size=4, unique=True), label="group sizes")
+    groups = {s: data.draw(st.integers(1, P * C), label=f"columns of size {s}") for s in sizes}
     direct = (data.draw(st.floats(0, 1), label="a_d"), data.draw(st.floats(1e-12, 1e-6), label="b_d"))
     iteration = (data.draw(st.floats(0, 1e-2), label="a_cg"), data.draw(st.floats(1e-13, 1e-8), label="b_cg"))
-    assert direct_flops(P, C, M, s) <= direct_flops(P, C, M, min(M, s + 1))
-    budget = cg_budget(P, C, M, s, direct, iteration)
-    t_direct = direct[0] + direct[1] * direct_flops(P, C, M, s)
+    if groups:  # a larger support costs more
+        s = max(groups)
+        assert direct_flops(M, groups) <= direct_flops(M, {**groups, s: groups[s] + 1})
+    budget = cg_budget(P, C, M, groups, direct, iteration)
+    t_direct = direct[0] * max(1, len(groups)) + direct[1] * direct_flops(M, groups)
     t_iteration = iteration[0] + iteration[1] * cg_flops(P, C, M, 1)
     # the most iterations whose predicted time stays within the direct solve's (at least one)
     assert budget >= 1 and (budget == 1 or budget * t_iteration <= t_direct * (1 + 1e-12))
     assert (budget + 1) * t_iteration > t_direct * (1 - 1e-12)
-    assert cg_budget(P, C, M, s, (2 * direct[0], 2 * direct[1]), iteration) >= budget  # a dearer direct solve
+    assert cg_budget(P, C, M, groups, (2 * direct[0], 2 * direct[1]), iteration) >= budget  # a dearer direct solve
 
 
 def test_cg_budget_on_vars_shaped_problems():
@@ -332,22 +374,24 @@ def test_cg_budget_on_vars_shaped_problems():
     library's constants give CG about the 120 iterations it needed there, and tiny problems few."""
     a_d, b_d = DIRECT_COST
     a_cg, b_cg = CG_ITERATION_COST
-    expected = math.floor((a_d + b_d * direct_flops(24, 64, 128, 107)) / (a_cg + b_cg * cg_flops(24, 64, 128, 1)))
-    assert cg_budget(24, 64, 128, 107) == expected
+    groups = {107: 24 * 64}
+    expected = math.floor((a_d + b_d * direct_flops(128, groups)) / (a_cg + b_cg * cg_flops(24, 64, 128, 1)))
+    assert cg_budget(24, 64, 128, groups) == expected
 
 
 @pytest.mark.parametrize(
     "call",
     [
-        lambda: direct_flops(-1, 1, 4, 2),
-        lambda: direct_flops(1, 1.5, 4, 2),
-        lambda: direct_flops(1, 1, 4, 5),
+        lambda: direct_flops(-1, {1: 1}),
+        lambda: direct_flops(4, {2: 1.5}),
+        lambda: direct_flops(4, {5: 1}),
+        lambda: direct_flops(4, [(2, 1)]),
         lambda: cg_flops(1, 1, 4, -1),
         lambda: cg_flops(1, 1, True, 3),
-        lambda: cg_budget(1, 1, 4, 2, direct_cost=(float("inf"), 0.0)),
-        lambda: cg_budget(1, 1, 4, 2, cg_iteration_cost=(0.0, 0.0)),
-        lambda: cg_budget(1, 1, 4, 2, direct_cost=(-1.0, 1.0)),
-        lambda: cg_budget(1, 1, 4, 5),
+        lambda: cg_budget(1, 1, 4, {2: 1}, direct_cost=(float("inf"), 0.0)),
+        lambda: cg_budget(1, 1, 4, {2: 1}, cg_iteration_cost=(0.0, 0.0)),
+        lambda: cg_budget(1, 1, 4, {2: 1}, direct_cost=(-1.0, 1.0)),
+        lambda: cg_budget(1, 1, 4, {5: 1}),
     ],
 )
 def test_cost_model_rejects_bad_counts(call):

@@ -45,7 +45,7 @@ from .equilibrium import (
     solve_quietly,
 )
 from .problems import LassoBatch, SparseCoding
-from .direct_adjoint import cg_budget, support_solve
+from .direct_adjoint import cg_budget, support_groups, support_solve
 from .prox import active_mask
 from .solvers import ISTA, Anderson, LoopSolver, Solver, make_solver
 
@@ -365,7 +365,7 @@ def _lasso_adjoint(flat: LassoBatch, zs, g, method, tol, max_steps, ridge=0.0):
             budget = max_steps
             if method == "auto":
                 P, M, C = mask.shape
-                budget = min(max_steps, cg_budget(P, C, M, int(mask.sum(-2).max())))  # the backward may sync
+                budget = min(max_steps, cg_budget(P, C, M, support_groups(mask)))  # the backward may sync
             u, steps, rel = conjugate_gradient(apply_A, rhs, tol, budget)
             if method == "cg":
                 return u.to(out_dtype), steps, rel, method
