@@ -371,7 +371,7 @@ def test_cg_budget_is_the_direct_solve_in_cg_iterations(P, C, M, data):
 
 def test_cg_budget_on_vars_shaped_problems():
     """Issue 11's measured shape (24 problems, M=128, C=64, supports up to 107 of 128 atoms): the
-    library's constants give CG about the 120 iterations it needed there, and tiny problems few."""
+    budget is the library's constants applied to the counted flops, one factorization per group."""
     a_d, b_d = DIRECT_COST
     a_cg, b_cg = CG_ITERATION_COST
     groups = {107: 24 * 64}

@@ -51,22 +51,20 @@ rcond = RCOND_FACTOR * s * eps(compute dtype), s its padded size: a Cholesky piv
 d_k <= rcond * max_i A_ii (every pivot is >= lambda_min(A), so cond(A) >= 1 / rcond), and in the
 fallback the eigenvalues |w| <= rcond * max |w| that are treated as zero."""
 
-DIRECT_COST = (1.0e-3, 3.6e-10)
+DIRECT_COST = (5.4e-3, 3.6e-10)
 """Seconds of a direct solve: (per batched factorization, one per support group; per counted flop
 of :func:`direct_flops`)."""
 
-CG_ITERATION_COST = (5.0e-4, 1.7e-11)
+CG_ITERATION_COST = (2.8e-4, 1.9e-11)
 """Seconds of one CG iteration: (per iteration, per counted flop of :func:`cg_flops`).
 
-CPU, one thread, from measured backward times: the per-flop terms from the DeiT-Tiny VARS-D shape
-of ``benchmarks/bench_backward.py`` (24 problems, M=128, C=64, supports up to 107 atoms: the direct
-solve 0.259 s, CG 120 iterations in 0.165 s), the per-call terms from the small shape of
-``benchmarks/bench_adjoint_cost.py --quick`` (about 1 ms a direct solve, 0.5 ms a CG iteration).
-``benchmarks/bench_adjoint_cost.py`` fits both over four shapes and records the library's
-values beside its fit; with these values "auto" stayed within 1.5x of the faster adjoint on
-each of them (benchmarks/results/cpu/adjoint_cost.json). Small batched Cholesky factorizations and gathers run far below the
-matrix-product throughput of CG, and on small problems a CG iteration's fixed cost (its kernels
-and the Python around them) outweighs its flops."""
+CPU, one thread: both pairs are the least-squares fit of ``benchmarks/bench_adjoint_cost.py
+--device cpu --threads 1`` over its four shapes (digits-like M=48 to a 324-atom union; the
+direct solve grouped by support size), rounded; the JSON (benchmarks/results/cpu/adjoint_cost.json)
+records the fit beside the library's values and how far "auto" lands from the faster adjoint.
+Small batched Cholesky factorizations and gathers run far below the matrix-product throughput of
+CG, and on small problems a call's fixed cost (its kernels and the Python around them) outweighs
+its flops."""
 
 
 def _wide(*dtypes: torch.dtype) -> torch.dtype:

@@ -12,12 +12,23 @@ __all__ = ["soft_threshold", "nonneg_threshold", "threshold"]
 
 
 def soft_threshold(u: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
-    """S_t(u) = sign(u) * max(|u| - t, 0), computed as u - clamp(u, -t, t).
+    """S_t(u) = sign(u) * max(|u| - t, 0).
 
-    The two forms are equal bit for bit (u - t and -(|u| - t) round alike, and u - u = 0), and
-    the clamp form reads and writes the codes twice instead of five times: the threshold runs
-    once per solver step, where such elementwise passes cost as much as the Gram product on
-    VARS-sized problems (tests/test_fast_paths.py checks both the values and the gradients)."""
+    Where autograd records, the textbook form (its backward is a few cheap masks); elsewhere, in
+    the solvers' no-grad loops, u - clamp(u, -t, t): equal bit for bit (u - t and -(|u| - t)
+    round alike, and u - u = 0), reading and writing the codes twice instead of five times, which
+    matters where an elementwise pass costs as much as the Gram product (VARS-sized problems).
+    tests/test_fast_paths.py checks the two forms' values and gradients against each other."""
+    if torch.is_grad_enabled() and (u.requires_grad or (isinstance(t, torch.Tensor) and t.requires_grad)):
+        return _soft_threshold_textbook(u, t)
+    return _soft_threshold_clamp(u, t)
+
+
+def _soft_threshold_textbook(u: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+    return torch.sign(u) * torch.relu(u.abs() - t)
+
+
+def _soft_threshold_clamp(u: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
     return u - u.clamp(-t, t)
 
 

@@ -343,7 +343,7 @@ def run_study(cfg: StudyConfig) -> dict[str, Any]:
     stem = results / cfg.stem
     result = {
         "benchmark": "table2",
-        "command": "vars-deq study table2 " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["study"] else None,
+        "command": "vars-deq study " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["study"] else None,
         "config": {k: v for k, v in asdict(cfg).items() if k != "progress"},
         "environment": {"device": f"cpu ({cfg.threads} thread(s) per run, {cfg.jobs} run(s) at once)",
                         "torch": torch.__version__, "python": platform.python_version(),
