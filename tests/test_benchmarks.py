@@ -32,7 +32,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 EXPECTED_KEYS = {
     "solvers": {"benchmark", "quick", "environment", "problem", "solvers", "ratios", "log10_rel_energy_gap_trace"},
     "backward": {"benchmark", "quick", "environment", "setup", "time_comparison", "rows", "adjoint_study", "targets"},
-    "models": {"benchmark", "quick", "config", "environment", "results", "ratios_vs_deit", "target"},
+    "models": {"benchmark", "quick", "config", "environment", "results", "ratios_vs_deit", "targets"},
     "flops": {"benchmark", "quick", "environment", "convention", "counted_ops", "registered_models", "models"},
     "layer": {"benchmark", "quick", "environment", "setup", "variants", "skipped", "ratios", "flop_floor"},
     "compare": {"device", "suites", "results", "targets"},
