@@ -611,10 +611,12 @@ def main(argv=None) -> None:
     print(f"device: {common.device_label(device)}; problems {shape}, lam={LAM}, float32, tol=None")
     load_before = os.getloadavg()
     t0 = time.perf_counter()
+    # the sweep first: its memory children are forked from the driver, and must not inherit the
+    # heap the timed runs leave resident (their allocations would reuse it and show no growth)
+    rows, variants = sweep(args, device)
     print(f"interleaved comparison ({args.compare_solver}, K = {args.time_steps}, {args.total_steps}; "
           f"{args.compare_repeats} rounds) ...", flush=True)
     compare = compare_interleaved(args, device)
-    rows, variants = sweep(args, device)
     print("adjoint work at convergence (float64) ...", flush=True)
     adj = adjoint_study(args, device)
     checks = targets(rows, adj, compare, args)

@@ -4,13 +4,13 @@ The fixed-step forward (tol=None, the original's 5 ISTA steps) never synchronise
 so inductor traces a whole model, VARS layers included, into one graph (no graph breaks; the
 count is recorded). Per model, two copies with the same weights:
 
-1. agreement: loss and every parameter gradient of one step, compiled and eager, both judged
-   against the same step in float64 (eager). Float32 alone cannot judge: the query-weight
-   gradients of VARS-D pass through exp of the Performer features and a coherent support
-   solve, and eager float32 itself is 2e-3 away from float64 there. Per tensor, the compiled
-   error must stay within twice eager's float32 error or ``--agreement-tol``, else the
-   benchmark stops before timing. (In float64 compiled and eager agree to 1e-15; tested in
-   tests/test_fast_paths.py.)
+1. agreement, before any timing (else the benchmark stops): a float64 copy compiled against the
+   float64 eager model, loss and every parameter gradient of one step to ``--exact-tol`` (1e-9)
+   relative: the compiled graph computes the same function. Float32 cannot judge that: a code
+   entry within rounding of its threshold may flip in or out of the support under any change of
+   rounding, and the gradients then differ by far more than rounding (DeiT-Tiny VARS-D: compiled
+   float32 4e-4 from float64 in one block's projection gradient, eager 5e-7; digits VARS-D at
+   batch 64: both 1e-2). The float32 errors of compiled and eager against float64 are recorded;
 2. timing: ``--steps`` training steps (forward, cross-entropy, backward; no optimizer, the same
    batch) alternating eager and compiled, after ``--warmup`` untimed ones; medians and the ratio.
    The first compiled call's time (tracing and code generation) is reported on its own.
@@ -65,22 +65,33 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-def agreement(compiled, eager, x, y, tol: float, device: torch.device) -> tuple[dict[str, float], float]:
-    """Compiled and eager float32 errors against eager float64, per tensor; the first compiled call's time."""
+def agreement(eager, x, y, args, device: torch.device) -> tuple[dict[str, float], float, Any]:
+    """Float64 compiled against float64 eager (the judge), float32 compiled and eager against
+    float64 (recorded, not judged); returns the report, the first float32 compiled call's time and the
+    float32 compiled model."""
+    import torch._dynamo
+
+    ref = copy.deepcopy(eager).double()
+    loss_r, grads_r = grads_of(ref, x.double(), y)
+    torch._dynamo.reset()
+    loss_x, grads_x = grads_of(torch.compile(copy.deepcopy(ref), mode=args.mode), x.double(), y)
+    exact = max([rel(loss_x, loss_r)] + [rel(grads_x[n], r) for n, r in grads_r.items()])
+    if not exact <= args.exact_tol:
+        raise SystemExit(f"compiled and eager differ by {exact:.1e} relative in float64 (> {args.exact_tol:g}): "
+                         "not timing different computations")
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = torch.compile(copy.deepcopy(eager), mode=args.mode)
     (loss_c, grads_c), first = common.timed(lambda: grads_of(compiled, x, y), device)
     loss_e, grads_e = grads_of(eager, x, y)
-    loss_r, grads_r = grads_of(copy.deepcopy(eager).double(), x.double(), y)
     tensors = {"loss": (loss_c, loss_e, loss_r), **{n: (grads_c[n], grads_e[n], r) for n, r in grads_r.items()}}
-    report = {"max_rel_diff_loss_and_grads": 0.0, "max_rel_error_compiled": 0.0, "max_rel_error_eager": 0.0}
+    report = {"max_rel_diff_float64": exact, "max_rel_diff_loss_and_grads": 0.0,
+              "max_rel_error_compiled": 0.0, "max_rel_error_eager": 0.0}
     for n, (c, e, r) in tensors.items():
-        err_c, err_e = rel(c.double(), r), rel(e.double(), r)
         report["max_rel_diff_loss_and_grads"] = max(report["max_rel_diff_loss_and_grads"], rel(c, e))
-        report["max_rel_error_compiled"] = max(report["max_rel_error_compiled"], err_c)
-        report["max_rel_error_eager"] = max(report["max_rel_error_eager"], err_e)
-        if not err_c <= max(tol, 2 * err_e):
-            raise SystemExit(f"{n}: compiled float32 is {err_c:.1e} from float64, eager float32 {err_e:.1e} "
-                             f"(allowed: max({tol:g}, 2x eager)); not timing different computations")
-    return report, first
+        report["max_rel_error_compiled"] = max(report["max_rel_error_compiled"], rel(c.double(), r))
+        report["max_rel_error_eager"] = max(report["max_rel_error_eager"], rel(e.double(), r))
+    return report, first, compiled
 
 
 def measure(name: str, args, device: torch.device) -> dict[str, Any]:
@@ -92,11 +103,8 @@ def measure(name: str, args, device: torch.device) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(args.batch_size, chans, size, size, generator=gen).to(device)
     y = torch.randint(0, eager.num_classes, (args.batch_size,), generator=gen).to(device)
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
-    compiled = torch.compile(copy.deepcopy(eager), mode=args.mode)
     t0 = time.perf_counter()
-    report, first = agreement(compiled, eager, x, y, args.agreement_tol, device)
+    report, first, compiled = agreement(eager, x, y, args, device)
     times = {"eager": [], "compiled": []}
     for i in range(args.warmup + args.steps):
         for label, model in (("eager", eager), ("compiled", compiled)):  # interleaved
@@ -136,8 +144,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=5, help="timed steps per variant")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--mode", default="default", help="torch.compile mode (default, reduce-overhead, max-autotune, ...)")
-    ap.add_argument("--agreement-tol", type=float, default=1e-4,
-                    help="relative error against float64 always allowed, whatever eager float32's own error")
+    ap.add_argument("--exact-tol", type=float, default=1e-9,
+                    help="largest relative difference of compiled and eager in float64 (default 1e-9)")
     args = ap.parse_args(argv)
     if args.models is None:
         args.models = list(QUICK_MODELS if args.quick else DEFAULT_MODELS)
@@ -155,8 +163,8 @@ def main(argv=None) -> int:
         r = results[name] = measure(name, args, device)
         print(f"  {name:15s} eager {1e3 * r['eager_step_s']:8.1f} ms  compiled {1e3 * r['compiled_step_s']:8.1f} ms "
               f"= {r['compiled_over_eager']:.2f}x  (first call {r['first_compiled_call_s']:.0f} s, "
-              f"{r['graph_breaks']} graph breaks; float32 error vs float64: compiled {r['max_rel_error_compiled']:.1e}, "
-              f"eager {r['max_rel_error_eager']:.1e})", flush=True)
+              f"{r['graph_breaks']} graph breaks; float64 compiled vs eager {r['max_rel_diff_float64']:.0e}; float32 "
+              f"error vs float64: compiled {r['max_rel_error_compiled']:.1e}, eager {r['max_rel_error_eager']:.1e})", flush=True)
     label = common.device_label(device)
     common.write_json(out / "compile.json", {
         "benchmark": "compile", "quick": args.quick, "config": {**vars(args), "out": str(out), "device": str(device)},
