@@ -86,9 +86,10 @@ def support_solve(
     Columns are grouped by their support size padded up to a multiple of :data:`SUPPORT_BUCKET`
     (:func:`support_groups`); within a group each column's support indices are gathered, padded to
     the group's size, and the padded systems are factorized by one ``torch.linalg.cholesky_ex``
-    and solved by ``torch.linalg.cholesky_solve``. Pad rows and columns hold d I with d = max_i A_ii of the
-    column (1 where the support is empty), so the padded matrix stays SPD, at the system's scale,
-    and the pad entries solve to exactly 0.
+    and solved by ``torch.linalg.cholesky_solve``. Pad rows and columns hold d I with
+    d = max_i A_ii of the column (1 where that is 0), so the padded matrix stays SPD, at the
+    system's scale, and the pad entries solve to exactly 0. Empty supports are not solved
+    (u = 0, residual 0).
 
     Fallback: a column whose system is not numerically positive definite (Cholesky fails, or a
     pivot is at most rcond * max_i A_ii, see :data:`RCOND_FACTOR`; e.g. a support larger than
@@ -101,8 +102,8 @@ def support_solve(
     Compute runs in float32 or wider whatever the input dtype (bf16/fp16 in: float32); u comes
     back in ``rhs``'s dtype. A group's columns are solved in chunks whose gathered Gram fits
     :data:`GATHER_BUDGET_BYTES`. Host syncs: one for the groups (they set the shapes), one per
-    chunk to learn whether any column needs the fallback, and one more in a chunk where some do. Nothing
-    is differentiated through (it runs under no_grad). Inputs must be finite.
+    chunk to learn whether any column needs the fallback, and one more in a chunk where some do.
+    Nothing is differentiated through (it runs under no_grad). Inputs must be finite.
 
     Args:
         gram: G_p = D_p^T D_p, (P, M, M), or (1, M, M) for one Gram shared by all problems (it
@@ -282,7 +283,7 @@ def cg_budget(
 ) -> int:
     """CG iterations that take as long as the direct solve of the same systems (at least 1):
 
-        floor((a_d len(groups) + b_d direct_flops(M, groups)) / (a_cg + b_cg cg_flops(P, C, M, 1)))
+        floor((a_d max(1, len(groups)) + b_d direct_flops(M, groups)) / (a_cg + b_cg cg_flops(P, C, M, 1)))
 
     with (a, b) the measured seconds per call (one batched factorization per group) and per flop
     (:data:`DIRECT_COST`, :data:`CG_ITERATION_COST`) and ``groups`` the support sizes of the
