@@ -63,7 +63,7 @@ def problem(shape, device, seed=0):
     return atoms, v, w
 
 
-def backward_once(atoms, v, w, adjoint: str, device) -> tuple[float, Any, int]:
+def backward_once(atoms, v, w, adjoint: str, device) -> tuple[float, Any, dict[int, int]]:
     z, sol = vd.sparse_code(vd.SparseCoding(atoms, v, LAM), solver="fista", max_steps=2000, tol=1e-4,
                             backward=vd.Implicit(adjoint=adjoint, max_steps=2000), return_solution=True)
     support = support_groups(z.detach().flatten(0, 1) != 0)

@@ -10,7 +10,8 @@ count is recorded). Per model, two copies with the same weights:
    entry within rounding of its threshold may flip in or out of the support under any change of
    rounding, and the gradients then differ by far more than rounding (DeiT-Tiny VARS-D: compiled
    float32 4e-4 from float64 in one block's projection gradient, eager 5e-7; digits VARS-D at
-   batch 64: both 1e-2). The float32 errors of compiled and eager against float64 are recorded;
+   batch 64: both 1e-2). The float32 errors of compiled and eager against float64 are recorded,
+   not judged;
 2. timing: ``--steps`` training steps (forward, cross-entropy, backward; no optimizer, the same
    batch) alternating eager and compiled, after ``--warmup`` untimed ones; medians and the ratio.
    The first compiled call's time (tracing and code generation) is reported on its own.
@@ -26,7 +27,6 @@ Results: <out>/compile.json and compile.png (default out: benchmarks/results/<de
 from __future__ import annotations
 
 import copy
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -41,6 +41,7 @@ import common  # noqa: E402
 import timm  # noqa: E402
 
 import vars_deq.models  # noqa: E402,F401  (registers the VARS models)
+from vars_deq.devices import has_cxx_compiler  # noqa: E402
 
 MODELS = {
     "deit": ("deit_tiny_patch16_224", 224, 3),
@@ -67,8 +68,8 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def agreement(eager, x, y, args, device: torch.device) -> tuple[dict[str, float], float, Any]:
     """Float64 compiled against float64 eager (the judge), float32 compiled and eager against
-    float64 (recorded, not judged); returns the report, the first float32 compiled call's time and the
-    float32 compiled model."""
+    float64 (recorded, not judged); returns the report, the first float32 compiled call's time
+    and the float32 compiled model."""
     import torch._dynamo
 
     ref = copy.deepcopy(eager).double()
@@ -156,7 +157,7 @@ def main(argv=None) -> int:
     device, out = common.setup(args)
     results = {}
     skipped = None
-    if device.type == "cpu" and not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
+    if device.type == "cpu" and not has_cxx_compiler():
         skipped = "no C++ compiler on this machine: inductor cannot generate CPU code"
         print(f"skipped: {skipped}")
     for name in [] if skipped else args.models:

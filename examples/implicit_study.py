@@ -3,7 +3,7 @@
 Methods (every other setting is the library default: adamw 1e-3, cosine, 1 warm-up epoch, batch 64):
 
     unroll-5ista     backprop through the original code's forward, 5 ISTA steps (the unroll preset)
-    unroll-fista     backprop through a converged forward: FISTA to relative residual 1e-3, <= 100 steps
+    unroll-fista     backprop through the DEQ forward preset (FISTA to relative residual 1e-3, <= 100 steps)
     implicit         the library's default for backward="implicit": the DEQ forward preset (FISTA to 1e-3,
                      <= 100 steps) and the "auto" adjoint (CG within the direct solve's predicted time, then direct)
     implicit-direct  implicit gradient (DEQ forward preset), adjoint by Cholesky on the support
@@ -44,6 +44,8 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
+from vars_deq.layers.sparse_reconstruction import FORWARD_PRESETS
+
 MODEL = "vars_sd_digits"
 TARGET_ACC = 0.97
 MEMORY_BATCH = 64
@@ -52,7 +54,7 @@ DEFAULT_OUT = "benchmarks/results/cpu/implicit_study.json"
 #: method -> the VARS layer options of its training run (TrainConfig.layer_options)
 METHODS: dict[str, dict[str, Any]] = {
     "unroll-5ista": {"backward": "unroll"},
-    "unroll-fista": {"backward": "unroll", "solver": "fista", "tol": 1e-3, "max_steps": 100},
+    "unroll-fista": {"backward": "unroll", **FORWARD_PRESETS["implicit"]},
     "implicit": {"backward": "implicit"},
     "implicit-direct": {"backward": "implicit", "adjoint": "direct"},
     "implicit-cg": {"backward": "implicit", "adjoint": "cg"},

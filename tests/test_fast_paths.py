@@ -4,8 +4,6 @@ by gradcheck, and inside the layer behind ``vars_deq.unrolled.ENABLED``)."""
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 from hypothesis import given
@@ -14,6 +12,7 @@ from hypothesis import strategies as st
 import vars_deq as vd
 from vars_deq import unrolled
 from vars_deq.backward import _gram
+from vars_deq.devices import has_cxx_compiler
 from vars_deq.dictionaries import DenseOperator, UnionOperator
 from vars_deq.prox import threshold
 
@@ -268,7 +267,7 @@ def test_direct_adjoint_with_the_union_gram_matches_the_plain_union():
         torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9)
 
 
-NO_CXX = not any(shutil.which(c) for c in ("c++", "g++", "clang++"))
+NO_CXX = not has_cxx_compiler()
 
 
 @pytest.mark.slow

@@ -3,7 +3,6 @@
 import hashlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from torch import nn
 
 import vars_deq as vd
 from vars_deq.data import DataError
+from vars_deq.devices import has_cxx_compiler
 from vars_deq.train import (
     CheckpointError,
     TrainConfig,
@@ -332,7 +332,7 @@ def test_ddp_two_cpu_processes_agree(tmp_path):
     assert proc.stdout.count("optimizer steps") == 1  # only rank 0 reports
 
 
-NO_CXX = not any(shutil.which(c) for c in ("c++", "g++", "clang++"))
+NO_CXX = not has_cxx_compiler()
 
 
 @pytest.mark.skipif(NO_CXX, reason="inductor needs a C++ compiler for CPU code")

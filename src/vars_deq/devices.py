@@ -16,11 +16,12 @@ from __future__ import annotations
 import math
 import os
 import re
+import shutil
 from pathlib import Path
 
 import torch
 
-__all__ = ["DEVICE_CHOICES", "select_device", "device_label", "available_cpus", "set_threads"]
+__all__ = ["DEVICE_CHOICES", "select_device", "device_label", "available_cpus", "set_threads", "has_cxx_compiler"]
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "cuda:N")
 
@@ -110,3 +111,8 @@ def set_threads(threads: int | None) -> int:
         raise ValueError(f"--threads must be an integer >= 1, got {threads!r}")
     torch.set_num_threads(threads)
     return threads
+
+
+def has_cxx_compiler() -> bool:
+    """Whether a C++ compiler is on the PATH: torch.compile's inductor needs one for CPU code."""
+    return any(shutil.which(c) for c in ("c++", "g++", "clang++"))

@@ -33,7 +33,7 @@ class FISTAState(NamedTuple):
     """x: the iterate, xp: the previous one, u = T(y) of the last step; g*: their Gram products
     G x, G xp, G u (P, M, C); t: the momentum (P, 1, 1); ex: E(x), only where monotone or
     function restart need it (else None). Plain FISTA keeps only x, xp and t (u = x, and it forms
-G y itself): the other fields are None."""
+    G y itself): the other fields are None."""
 
     x: torch.Tensor
     gx: torch.Tensor
