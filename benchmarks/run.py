@@ -3,7 +3,7 @@
     python benchmarks/run.py [--device auto|cpu|cuda] [--out DIR] [--threads N] [--quick] [--only NAME ...]
 
 Runs, each in its own process so one's memory does not colour another's: the solver benchmark
-(bench_solvers.py), the backward memory/time benchmark (bench_backward.py), the calibration of
+(bench_solvers.py), the fused no-grad step against the plain one (bench_step_map.py), the backward memory/time benchmark (bench_backward.py), the calibration of
 the "auto" adjoint (bench_adjoint_cost.py), the model
 throughput benchmark (bench_models.py), the FLOP count (bench_flops.py), the layer against the
 original's update (bench_layer.py), eager against torch.compile (bench_compile.py) and
@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ("solvers", "backward", "adjoint_cost", "models", "flops", "layer", "compile")
+BENCHMARKS = ("solvers", "step_map", "backward", "adjoint_cost", "models", "flops", "layer", "compile")
 JOBS = (*BENCHMARKS, "compare")
 QUICK_COMPARE = ["--num-images", "1", "--solvers", "ista", "fista", "--tols", "1e-2", "--max-steps", "20",
                  "--synthetic", "--repeats", "1"]

@@ -38,6 +38,7 @@ EXPECTED_KEYS = {
     "compare": {"device", "suites", "results", "targets"},
     "compile": {"benchmark", "quick", "config", "environment", "results"},
     "adjoint_cost": {"benchmark", "quick", "config", "environment", "results", "summary"},
+    "step_map": {"benchmark", "quick", "config", "environment", "rows"},
 }
 
 

@@ -14,6 +14,7 @@ from vars_deq import unrolled
 from vars_deq.backward import _gram
 from vars_deq.devices import has_cxx_compiler
 from vars_deq.dictionaries import DenseOperator, UnionOperator
+from vars_deq.equilibrium import solve_quietly
 from vars_deq.prox import threshold
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -357,3 +358,77 @@ def test_plain_fista_steps_like_the_general_formula(seed, steps):
         torch.testing.assert_close(tp, tz, rtol=1e-12, atol=1e-12)
         assert sp.u is None and sp.gx is None
         sg = sg._replace(xp=sg.x, gxp=sg.gx, x=tz, gx=problem.normal(tz), t=t_new)
+
+
+@st.composite
+def step_map_problems(draw):
+    """Dense or union problems with a shared or per-problem lam, signed or nonneg, in float64."""
+    seed = draw(st.integers(0, 2**31 - 1), label="seed")
+    P, N, C = draw(st.integers(1, 5), label="P"), draw(st.integers(1, 9), label="N"), draw(st.integers(1, 4), label="C")
+    ma, mb = draw(st.integers(1, 10), label="M_a"), draw(st.integers(0, 8), label="M_b")
+    nonneg = draw(st.booleans(), label="nonneg")
+    lam_kind = draw(st.sampled_from(["scalar", "per problem", "per entry"]), label="lam")
+    gen = torch.Generator().manual_seed(seed)
+    wa = _normalized(torch.randn(P, N, ma, generator=gen, dtype=F64))
+    D = wa if mb == 0 else UnionOperator(DenseOperator(wa), DenseOperator(_normalized(torch.randn(1, N, mb, generator=gen, dtype=F64))))
+    M = ma + mb
+    lam = {"scalar": 0.3, "per problem": torch.rand(P, 1, 1, generator=gen, dtype=F64),
+           "per entry": torch.rand(P, M, C, generator=gen, dtype=F64)}[lam_kind]
+    x = torch.randn(P, N, C, generator=gen, dtype=F64)
+    z = torch.randn(P, M, C, generator=gen, dtype=F64)
+    return vd.SparseCoding(D, x, lam, nonneg=nonneg, lipschitz="gershgorin"), z, gen
+
+
+@given(case=step_map_problems(), data=st.data())
+def test_fused_no_grad_step_is_the_plain_step_and_survives_take(case, data):
+    """The fused no-grad T (S_t(A z + c), A = I - eta G, where the Gram is formed; S_t((z + c) -
+    eta D^T (D z)) where not; c = eta b) equals S_t(z - eta (G z - b)) to rounding, on the whole
+    batch and on problems taken from it (the loop's compaction)."""
+    prob, z, gen = case
+    with torch.no_grad():
+        flat = prob.flat()
+        assert flat.step_map() is not None
+        fast = flat.T(z)
+        plain = flat.T_from(z, flat.normal(z))
+        assert torch.allclose(fast, plain, rtol=0, atol=1e-12 * (1 + plain.abs().max()))
+        keep = torch.tensor(sorted(data.draw(st.sets(st.integers(0, z.shape[0] - 1), min_size=1), label="kept")))
+        sub = flat.take(keep)
+        assert sub.step_map() is not None and sub.step_map().left.shape[0] == keep.numel()
+        assert (flat.step_map().atoms is None) == (getattr(flat.op, "gram", None) is not None)
+        assert torch.allclose(sub.T(z[keep]), plain[keep], rtol=0, atol=1e-12 * (1 + plain.abs().max()))
+    # where autograd records, T is the plain form (its gradient is autograd's of the textbook step)
+    zg = z.clone().requires_grad_()
+    assert torch.equal(prob.flat().T(zg), prob.flat().T_from(zg, prob.flat().normal(zg)))
+
+
+@given(case=step_map_problems())
+def test_no_grad_solve_with_the_fused_step_matches_the_plain_solve(case):
+    """A no-grad FISTA solve to 1e-8 takes the same steps and reaches the same codes with and
+    without the fused step (float64: the forms differ by rounding only)."""
+    from vars_deq import problems
+    prob, _, _ = case
+    saved = problems.STEP_MAP
+    try:
+        with torch.no_grad():
+            fast = solve_quietly(prob, "fista", max_steps=300, tol=1e-8)
+            problems.STEP_MAP = False
+            slow_prob = vd.SparseCoding(prob.D, prob.x, prob.lam, nonneg=prob.nonneg, lipschitz="gershgorin")
+            assert slow_prob.flat().step_map() is None
+            plain = solve_quietly(slow_prob, "fista", max_steps=300, tol=1e-8)
+    finally:
+        problems.STEP_MAP = saved
+    assert torch.allclose(fast.z, plain.z, rtol=0, atol=1e-9 * (1 + plain.z.abs().max()))
+    assert (fast.stats.steps - plain.stats.steps).abs().max() <= 1
+
+
+def test_fused_step_takes_the_gram_form_where_the_gram_is_formed_and_none_for_fft_atoms():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 16, 3, generator=gen, dtype=F64)
+    conv = vd.ConvDictionary(num_kernels=2, kernel_size=3, grid_size=(4, 4)).double()
+    with torch.no_grad():
+        assert vd.SparseCoding(conv(x), x, 0.3).flat().step_map() is None
+        for m, gram_form in ((31, True), (32, False), (64, False)):  # DenseOperator forms G where M < 2N
+            w = _normalized(torch.randn(2, 16, m, generator=gen, dtype=F64))
+            step_map = vd.SparseCoding(w, x, 0.3).flat().step_map()
+            assert step_map is not None and (step_map.atoms is None) == gram_form
+            assert step_map.left.shape == ((2, m, m) if gram_form else (2, m, 16))

@@ -325,12 +325,23 @@ def test_each_problem_stops_on_its_own(solver, dtype):
         assert float(rt[s - 1, p]) == float(sol.stats.residual[p])
 
 
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("solver,extra", [("ista", 0), ("fista", 0), ("mfista", 1)])
-def test_stopped_problems_cost_no_more_products(solver, extra):
+def test_stopped_problems_cost_no_more_products(solver, extra, fused, monkeypatch):
     """Gram products touch only the problems still running: sum of batch rows = sum of steps
-    (+ one product per problem at the start of MFISTA, whose energies need G x_0)."""
+    (+ one product per problem at the start of MFISTA, whose energies need G x_0), with the fused
+    no-grad step (its products counted where it forms them) and without it."""
+    from vars_deq import problems
     D, x = _graded_problems()
     counter = []
+    monkeypatch.setattr(problems, "STEP_MAP", fused)
+    plain_pre_threshold = problems.StepMap.pre_threshold
+
+    def counted(self, z):
+        counter.append(z.shape[0])
+        return plain_pre_threshold(self, z)
+
+    monkeypatch.setattr(problems.StepMap, "pre_threshold", counted)
     op = CountingOperator(D, counter)
     prob = vd.SparseCoding(op, x, 0.05)
     sol = vd.solve(prob, solver, max_steps=5000, tol=1e-8)
