@@ -41,6 +41,7 @@ __all__ = [
     "configure_layers",
     "layer_stats",
     "VARSAttention",
+    "WarmStart",
     "convert_vit",
     "attention_maps",
 ]

@@ -2,5 +2,6 @@
 
 from .sparse_reconstruction import SparseReconstruction, configure_layers, layer_stats
 from .vars_attention import VARSAttention
+from .warm_start import WarmStart
 
-__all__ = ["SparseReconstruction", "configure_layers", "layer_stats", "VARSAttention"]
+__all__ = ["SparseReconstruction", "configure_layers", "layer_stats", "VARSAttention", "WarmStart"]

@@ -12,9 +12,10 @@ from torch import nn
 from .. import unrolled
 from ..backward import FLAT_BACKWARD_KEYS, Backward, Implicit, make_backward, sparse_code
 from ..dictionaries.base import check_lipschitz_mode
-from ..equilibrium import INITS, REPORT_TOL, Solution, SolveStats, check_loop_args
+from ..equilibrium import INITS, REPORT_TOL, Solution, SolveStats, check_loop_args, initial_codes
 from ..problems import SparseCoding
 from ..solvers import Solver, make_solver
+from .warm_start import active_warm_start
 
 __all__ = ["SparseReconstruction", "configure_layers", "layer_stats", "RUNTIME_OPTIONS", "PRESET", "FORWARD_PRESETS"]
 
@@ -206,11 +207,19 @@ class SparseReconstruction(nn.Module):
         lam = self.lam.to(device=x.device, dtype=x.dtype)
         problem = SparseCoding(op, x, lam, nonneg=self.nonneg, lipschitz=self.lipschitz,
                                check_finite=self.check_finite, lipschitz_margin=self.margin)
+        # only a solve to a tolerance may start anywhere: a fixed-step output depends on its start
+        warm = active_warm_start() if self.tol is not None else None
+        z0 = self.init
+        if warm is not None:
+            with torch.no_grad():
+                z0 = warm.start(self, initial_codes(problem, self.init).reshape(problem.code_shape))
         # the original forward (ISTA, fixed steps, unrolled) as one autograd node where it applies
         fast = unrolled.unrolled_sparse_code(problem, self.solver, self.backward, self.max_steps, self.tol, self.init)
         z, sol = fast if fast is not None else sparse_code(
-            problem, solver=self.solver, backward=self.backward, max_steps=self.max_steps, tol=self.tol, z0=self.init,
+            problem, solver=self.solver, backward=self.backward, max_steps=self.max_steps, tol=self.tol, z0=z0,
             return_solution=True)
+        if warm is not None:
+            warm.keep(self, z.detach())
         stats = sol.stats
         tol = REPORT_TOL if self.tol is None else self.tol
         self.last_stats = {

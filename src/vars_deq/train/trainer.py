@@ -36,7 +36,7 @@ from torch.utils.data.distributed import DistributedSampler
 from ..data import build_datasets, model_input_size
 from ..equilibrium import ConvergenceWarning
 from ..backward import UNCONVERGED_ADJOINTS, UNCONVERGED_BACKWARDS
-from ..layers import layer_stats
+from ..layers import SparseReconstruction, WarmStart, layer_stats
 from .checkpoint import (
     CheckpointError,
     atomic_write_bytes,
@@ -84,7 +84,10 @@ class TrainConfig:
     """Everything that defines a training run (the command line maps onto these fields).
 
     ``layer_options`` holds only the VARS layer options the user gave (backward, solver,
-    max_steps, tol, lam); the model's own defaults stand for the rest. ``checkpoint_every``
+    max_steps, tol, lam); the model's own defaults stand for the rest. ``warm_start``: VARS layers
+    that solve to a tol (the DEQ presets) start each training sample from its equilibrium of its
+    previous visit (:class:`vars_deq.WarmStart`, saved in the checkpoints); fixed-step layers, the
+    evaluation and DDP runs (whose ranks see different samples each epoch) always start cold. ``checkpoint_every``
     adds mid-epoch checkpoints every N optimizer steps (0: only at epoch ends). ``resume`` is a
     checkpoint path, or "auto" for ``<output>/checkpoint.pth``.
     """
@@ -116,6 +119,7 @@ class TrainConfig:
     checkpoint_every: int = 0
     resume: str | None = None
     progress: bool = True
+    warm_start: bool = True
 
     def validate(self) -> None:
         for name in ("epochs", "batch_size", "eval_batch_size"):
@@ -271,6 +275,10 @@ class _Trainer:
         # running epoch sums: loss * n, correct, n, then over steps with VARS layers: their mean
         # solver steps, such steps, their mean converged fraction, steps that warned of no convergence
         self.accum = torch.zeros(7, dtype=torch.float64)
+        self.warm = None
+        if cfg.warm_start and not info.distributed and any(
+                m.tol is not None for m in model.modules() if isinstance(m, SparseReconstruction)):
+            self.warm = WarmStart(model, len(self.data.train))
         if ckpt is not None:
             self._restore(ckpt, str(src))
 
@@ -305,6 +313,9 @@ class _Trainer:
         self.history = list(ckpt.get("history", []))
         if self.info.is_main and ckpt.get("accum") is not None:
             self.accum = ckpt["accum"].clone().to(torch.float64)
+        if self.warm is not None and ckpt.get("warm_start") is not None:
+            self.warm.load_state_dict(ckpt["warm_start"])
+            self.warm.warm, self.warm.total = ckpt["warm_start"].get("counts", (0, 0))
         rngs = ckpt.get("rng") or []
         if self.info.rank < len(rngs):
             set_rng_state(rngs[self.info.rank])
@@ -336,8 +347,11 @@ class _Trainer:
                 "solver_steps": totals[3].item() / totals[4].item() if totals[4] > 0 else None,
                 "solver_converged": totals[5].item() / totals[4].item() if totals[4] > 0 else None,
                 "unconverged_warning_steps": int(totals[6].item()),
+                "warm_started": self.warm.warm / self.warm.total if self.warm is not None and self.warm.total else None,
                 "epoch_time_s": time.perf_counter() - t0,
             }
+            if self.warm is not None:
+                self.warm.reset_counts()
             if info.is_main and totals[6] > 0:
                 print(f"epoch {epoch + 1}: {int(totals[6].item())} of {int(totals[4].item())} steps warned: "
                       f"{self.last_convergence_warning}", file=sys.stderr)
@@ -370,9 +384,11 @@ class _Trainer:
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", ConvergenceWarning)
-                for x, y in loader:
+                for i, (x, y) in enumerate(loader):
                     before = _unconverged_backwards()
-                    self._step(x, y, epoch)
+                    ids = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+                    with self.warm.use(ids) if self.warm is not None else contextlib.nullcontext():
+                        self._step(x, y, epoch)
                     self._count_convergence_warnings(caught, others, _unconverged_backwards() > before)
                     self._after_step(bar, epoch)
         finally:
@@ -514,6 +530,8 @@ class _Trainer:
             "accum": accum,
             "history": self.history,
             "config": asdict(self.cfg),
+            "warm_start": None if self.warm is None else {**self.warm.state_dict(),
+                                                          "counts": (self.warm.warm, self.warm.total)},
         })
 
     def _write_metrics(self) -> None:
