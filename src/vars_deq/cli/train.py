@@ -58,9 +58,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", nargs="?", const="auto", metavar="CHECKPOINT",
                    help="continue a run: from CHECKPOINT, or without a value from <output>/checkpoint.pth")
     p.add_argument("--no-progress", action="store_const", const=True, help="no progress bar")
-    p.add_argument("--no-warm-start", dest="warm_start", action="store_const", const=False,
-                   help="start every forward solve cold (default: a layer that solves to a tol starts each "
-                        "training sample from its equilibrium of the previous epoch; single process only)")
+    p.add_argument("--warm-start", dest="warm_start", action="store_const", const=True,
+                   help="layers that solve to a tol start each training sample from its equilibrium of the "
+                        "previous epoch (single process; default: every solve starts cold)")
     add_threads_option(p)
     add_layer_options(p)
 

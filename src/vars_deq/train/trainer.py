@@ -84,9 +84,9 @@ class TrainConfig:
     """Everything that defines a training run (the command line maps onto these fields).
 
     ``layer_options`` holds only the VARS layer options the user gave (backward, solver,
-    max_steps, tol, lam); the model's own defaults stand for the rest. ``warm_start``: VARS layers
-    that solve to a tol (the DEQ presets) start each training sample from its equilibrium of its
-    previous visit (:class:`vars_deq.WarmStart`, saved in the checkpoints); fixed-step layers, the
+    max_steps, tol, lam); the model's own defaults stand for the rest. ``warm_start`` (opt-in): VARS
+    layers that solve to a tol (the DEQ presets) start each training sample from its equilibrium of
+    its previous visit (:class:`vars_deq.WarmStart`, saved in the checkpoints); fixed-step layers, the
     evaluation and DDP runs (whose ranks see different samples each epoch) always start cold. ``checkpoint_every``
     adds mid-epoch checkpoints every N optimizer steps (0: only at epoch ends). ``resume`` is a
     checkpoint path, or "auto" for ``<output>/checkpoint.pth``.
@@ -119,7 +119,7 @@ class TrainConfig:
     checkpoint_every: int = 0
     resume: str | None = None
     progress: bool = True
-    warm_start: bool = True
+    warm_start: bool = False
 
     def validate(self) -> None:
         for name in ("epochs", "batch_size", "eval_batch_size"):
