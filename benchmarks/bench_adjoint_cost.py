@@ -44,6 +44,7 @@ LAM = 0.3
 #: name -> (problems P, tokens N, atoms M, code columns C, query dim d)
 SHAPES = {
     "digits-like (N=17, M=48)": (192, 17, 48, 16, 16),
+    "digits VARS-SD layer at batch 32 (N=16, M=64)": (128, 16, 64, 16, 16),
     "N=64, M=64": (96, 64, 64, 16, 16),
     "deit VARS-D (N=196, M=128)": (24, 196, 128, 64, 64),
     "deit VARS-SD-size (N=196, M=324)": (24, 196, 324, 64, 64),
@@ -99,15 +100,19 @@ def measure(name: str, shape, args, device) -> dict[str, Any]:
 
 
 def fit(flops: list[float], seconds: list[float], calls: list[float] | None = None) -> tuple[float, float]:
-    """(a, b) >= 0 minimizing sum (a n + b f - t)^2, n the calls (1 each where not given)."""
+    """(a, b) >= 0 minimizing the squared relative error sum ((a n + b f) / t - 1)^2, n the calls
+    (1 each where not given): relative, so that a 20 ms shape weighs as much as a 900 ms one (an
+    absolute fit follows the largest shapes and mispredicts the small ones, where "auto" then
+    picks the slower adjoint)."""
     f, t = np.asarray(flops, dtype=float), np.asarray(seconds, dtype=float)
     n = np.ones_like(f) if calls is None else np.asarray(calls, dtype=float)
+    X, y = np.stack([n / t, f / t], 1), np.ones_like(t)
     if len(f) > 1:
-        (a, b), *_ = np.linalg.lstsq(np.stack([n, f], 1), t, rcond=None)
+        (a, b), *_ = np.linalg.lstsq(X, y, rcond=None)
         if a >= 0 and b >= 0:
             return float(a), float(b)
-    candidates = [(0.0, float((t * f).sum() / (f * f).sum())), (float((t * n).sum() / (n * n).sum()), 0.0)]
-    return min(candidates, key=lambda ab: float(((ab[0] * n + ab[1] * f - t) ** 2).sum()))
+    candidates = [(0.0, float(X[:, 1].sum() / (X[:, 1] ** 2).sum())), (float(X[:, 0].sum() / (X[:, 0] ** 2).sum()), 0.0)]
+    return min(candidates, key=lambda ab: float(((X @ np.asarray(ab) - 1) ** 2).sum()))
 
 
 def plot(results: dict[str, dict], fitted: dict[str, tuple[float, float]], path: Path, title: str) -> None:

@@ -7,7 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-from vars_deq.data import DataError, adapt_images, build_datasets, load_digits_split, model_input_size
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vars_deq.data import DataError, adapt_images, build_datasets, load_digits_split, model_input_size, random_shift
 
 
 def test_digits_shapes_range_and_split():
@@ -163,3 +166,42 @@ def test_corrupt_cifar10_batch_names_the_file(tmp_path):
     (root / "cifar-10-batches-py" / "data_batch_3").write_bytes(b"not a pickle")
     with pytest.raises(DataError, match="data_batch_3"):
         build_datasets("cifar10", root)
+
+
+def _translated(img: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """img (C, H, W) moved down by dy and right by dx, zeros shifted in, by slicing."""
+    out = torch.zeros_like(img)
+    h, w = img.shape[-2:]
+    out[:, max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = \
+        img[:, max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)]
+    return out
+
+
+@settings(max_examples=30, deadline=None)
+@given(b=st.integers(1, 6), c=st.integers(1, 3), h=st.integers(3, 9), w=st.integers(3, 9),
+       max_shift=st.integers(1, 2), seed=st.integers(0, 2**31 - 1))
+def test_random_shift_translates_each_image_within_the_bound(b, c, h, w, max_shift, seed):
+    max_shift = min(max_shift, min(h, w) - 1)
+    x = torch.rand(b, c, h, w, generator=torch.Generator().manual_seed(seed)) + 0.5  # no zero pixel
+    out = random_shift(x, max_shift, torch.Generator().manual_seed(seed))
+    assert out.shape == x.shape
+    offsets = range(-max_shift, max_shift + 1)
+    for i in range(b):
+        matches = [(dy, dx) for dy in offsets for dx in offsets if torch.equal(out[i], _translated(x[i], dy, dx))]
+        assert len(matches) == 1, (i, matches)
+    again = random_shift(x, max_shift, torch.Generator().manual_seed(seed))
+    assert torch.equal(out, again)
+
+
+def test_random_shift_draws_every_offset_and_zero_is_the_identity():
+    x = torch.rand(400, 1, 8, 8) + 0.5
+    assert random_shift(x, 0) is x
+    out = random_shift(x, 1, torch.Generator().manual_seed(0))
+    seen = {(dy, dx) for i in range(400) for dy in (-1, 0, 1) for dx in (-1, 0, 1)
+            if torch.equal(out[i], _translated(x[i], dy, dx))}
+    assert seen == {(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)}
+
+
+def test_random_shift_refuses_a_shift_as_large_as_the_image():
+    with pytest.raises(ValueError, match="max_shift must be in \\[0, 7\\]"):
+        random_shift(torch.rand(2, 1, 8, 8), 8)

@@ -144,6 +144,7 @@ def test_run_writes_outputs_and_learns(baseline):
     assert metrics[-1]["test_acc"] > 0.3  # chance is 0.1
     assert metrics[-1]["train_loss"] < metrics[0]["train_loss"]
     assert metrics[0]["solver_steps"] is None  # no VARS layers in this model
+    assert metrics[0]["solver_residual_per_layer"] is None
     png = (out / "curves.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     ckpt = load_checkpoint(out / "checkpoint.pth")
@@ -278,13 +279,25 @@ def test_missing_data_dir_writes_nothing(tmp_path):
 def test_bad_options():
     for kw, msg in [(dict(amp="fp8"), "amp must be one of"), (dict(sched="plateau"), "sched must be one of"),
                     (dict(epochs=0), "epochs must be >= 1"), (dict(lr=-1.0), "lr must be"),
-                    (dict(layer_options={"alpha": 1}), "unknown VARS layer option")]:
+                    (dict(layer_options={"alpha": 1}), "unknown VARS layer option"),
+                    (dict(shift=-1), "shift must be >= 0")]:
         with pytest.raises(ValueError, match=msg):
             _config("unused", **kw).validate()
     with pytest.raises(ValueError, match="fp16' needs CUDA"):
         train(_config("unused", amp="fp16"))
     with pytest.raises(ValueError, match="unknown model 'no_such_model'"):
         train(_config("unused", model="no_such_model"))
+    with pytest.raises(ValueError, match=r"shift must be in \[0, 7\] for the 8 x 8 images, got 8"):
+        train(_config("unused", shift=8))
+
+
+def test_shift_augmentation_changes_the_run_and_repeats_with_the_seed(baseline, tmp_path):
+    shifted = train(_config(tmp_path / "a", epochs=1, shift=1))
+    again = train(_config(tmp_path / "b", epochs=1, shift=1))
+    assert shifted["param_sha256_per_rank"] == again["param_sha256_per_rank"]
+    first = _lines(baseline[0] / "metrics.jsonl")[0]
+    assert shifted["final"]["train_loss"] != first["train_loss"]
+    assert shifted["final"]["test_acc"] > 0.2  # chance is 0.1: shifted digits still teach
 
 
 def test_layer_options_need_vars_layers(tmp_path):
@@ -309,6 +322,11 @@ def test_vars_model_implicit_bf16(tmp_path):
     assert ckpt["config"]["layer_options"] == {"backward": "implicit", "solver": "fista", "max_steps": 3}
     layers = [m for m in model.modules() if isinstance(m, vd.SparseReconstruction)]
     assert layers and all(m.backward.name == "implicit" and m.solver == "fista" and m.max_steps == 7 for m in layers)
+    # per layer: steps, the per-step largest residual (averaged over the epoch), converged fraction
+    assert final["solver_steps_per_layer"] == pytest.approx([3.0] * len(layers))
+    assert len(final["solver_residual_per_layer"]) == len(layers)
+    assert all(r > 1e-3 for r in final["solver_residual_per_layer"])  # 3 steps from a random start
+    assert sum(final["solver_converged_per_layer"]) / len(layers) == pytest.approx(final["solver_converged"])
 
 
 @pytest.mark.slow

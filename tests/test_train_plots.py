@@ -56,3 +56,29 @@ def test_describe_layers_names_backward_and_forward():
     apply_layer_options(model, "vars_sd_digits", {"backward": "phantom", "phantom_steps": 5})
     assert plots.describe_layers(model).startswith("backward phantom (k=5, tau=1)")
     assert plots.describe_layers(torch.nn.Linear(2, 2)) == ""
+
+
+def test_plot_takes_the_per_layer_statistics_with_a_log_residual_panel(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    figures = []
+    real = plt.subplots
+
+    def spy(*args, **kwargs):
+        fig, axes = real(*args, **kwargs)
+        figures.append(fig)
+        return fig, axes
+
+    monkeypatch.setattr(plt, "subplots", spy)
+    history = _history(3, 6.0, 0.5)  # the means stand beside the per-layer series, which win
+    for h in history:
+        h.update(solver_steps_per_layer=[5.0, 7.0, 9.0], solver_residual_per_layer=[1e-4, 3e-4, 2e-3],
+                 solver_converged_per_layer=[1.0, 0.5, 0.0])
+    path = tmp_path / "curves.png"
+    plots.plot_curves(history, path, title="vars_sd_digits")
+    assert path.read_bytes()[:8] == PNG
+    (fig,) = figures
+    steps, residual, converged = fig.axes[2:]
+    assert [list(line.get_ydata()) for line in steps.get_lines()] == [[5.0] * 3, [7.0] * 3, [9.0] * 3]
+    assert residual.get_yscale() == "log" and len(residual.get_lines()) == 3
+    assert [list(line.get_ydata()) for line in converged.get_lines()] == [[1.0] * 3, [0.5] * 3, [0.0] * 3]

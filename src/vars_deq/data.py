@@ -37,6 +37,7 @@ __all__ = [
     "model_input_size",
     "adapt_images",
     "load_images",
+    "random_shift",
 ]
 
 DATASETS = ("digits", "imagefolder", "cifar10")
@@ -88,6 +89,23 @@ def adapt_images(x: torch.Tensor, input_size: tuple[int, int, int]) -> torch.Ten
         else:
             raise ValueError(f"cannot convert {x.shape[1]}-channel images to {c} channels")
     return x.clamp(0.0, 1.0).contiguous()
+
+
+def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Each image of ``x`` (B, C, H, W) translated by its own random (dy, dx), both uniform in
+    [-max_shift, max_shift], with zeros shifted in: the translation augmentation of small-image
+    training (the digits' background is 0, so a shift adds no edge)."""
+    if max_shift == 0:
+        return x
+    b, _, h, w = x.shape
+    if not 0 < max_shift < min(h, w):
+        raise ValueError(f"max_shift must be in [0, {min(h, w) - 1}] for {h} x {w} images, got {max_shift}")
+    offsets = torch.randint(0, 2 * max_shift + 1, (2, b), generator=generator).to(x.device)
+    padded = nn.functional.pad(x, (max_shift,) * 4)
+    rows = (offsets[0, :, None] + torch.arange(h, device=x.device))[:, :, None]  # (B, H, 1)
+    cols = (offsets[1, :, None] + torch.arange(w, device=x.device))[:, None, :]  # (B, 1, W)
+    batch = torch.arange(b, device=x.device)[:, None, None]
+    return padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2).contiguous()
 
 
 def load_images(path: str | os.PathLike, input_size: tuple[int, int, int], limit: int) -> torch.Tensor:

@@ -31,6 +31,7 @@ __all__ = [
     "RCOND_FACTOR",
     "DIRECT_COST",
     "CG_ITERATION_COST",
+    "CG_MIN_ITERATIONS",
 ]
 
 SUPPORT_BUCKET = 8
@@ -51,20 +52,28 @@ rcond = RCOND_FACTOR * s * eps(compute dtype), s its padded size: a Cholesky piv
 d_k <= rcond * max_i A_ii (every pivot is >= lambda_min(A), so cond(A) >= 1 / rcond), and in the
 fallback the eigenvalues |w| <= rcond * max |w| that are treated as zero."""
 
-DIRECT_COST = (5.4e-3, 3.6e-10)
+DIRECT_COST = (1.9e-3, 3.2e-10)
 """Seconds of a direct solve: (per batched factorization, one per support group; per counted flop
 of :func:`direct_flops`)."""
 
-CG_ITERATION_COST = (2.8e-4, 1.9e-11)
+CG_ITERATION_COST = (3.1e-4, 1.9e-11)
 """Seconds of one CG iteration: (per iteration, per counted flop of :func:`cg_flops`).
 
-CPU, one thread: both pairs are the least-squares fit of ``benchmarks/bench_adjoint_cost.py
---device cpu --threads 1`` over its four shapes (digits-like M=48 to a 324-atom union; the
-direct solve grouped by support size), rounded; the JSON (benchmarks/results/cpu/adjoint_cost.json)
+CPU, one thread: both pairs are the least-squares fit, in relative error, of
+``benchmarks/bench_adjoint_cost.py --device cpu --threads 1`` over its five shapes (digits-like
+M=48 to a 324-atom union; the direct solve grouped by support size), rounded; the JSON
+(benchmarks/results/cpu/adjoint_cost.json)
 records the fit beside the library's values and how far "auto" lands from the faster adjoint.
 Small batched Cholesky factorizations and gathers run far below the matrix-product throughput of
 CG, and on small problems a call's fixed cost (its kernels and the Python around them) outweighs
 its flops."""
+
+
+CG_MIN_ITERATIONS = 16
+"""Below this many iterations of budget "auto" solves directly without trying CG: CG on the lasso
+support systems has never reached the adjoint tolerance in fewer (measured: 15 to 24 iterations
+on the digits VARS-SD training problems, 59 to 124 at DeiT-Tiny shapes, 1e-6), so a shorter CG
+run is time spent before the direct solve that follows it anyway."""
 
 
 def _wide(*dtypes: torch.dtype) -> torch.dtype:
@@ -179,21 +188,26 @@ def support_groups(mask: torch.Tensor) -> dict[int, int]:
 def _solve_rows(gram, keep, rhs_rows, eta_rows, problem_of_row, ridge, s, wide):
     """support_solve on k flat (problem, column) rows: keep (k, M) bool, rhs_rows (k, M);
     returns the rows of u (k, M) and their relative residuals (k,)."""
-    k = keep.shape[0]
-    # stable sort puts each row's support first, in index order; the tail indexes off-support atoms
-    idx = torch.sort(keep.to(torch.uint8), dim=-1, descending=True, stable=True).indices[:, :s]
+    k, M = keep.shape
+    # each row's support atoms in index order, compacted by their rank on the support (a scatter,
+    # where a sort would cost k M log M); slots past the support keep atom 0 and are masked below
+    rank = keep.cumsum(-1) - 1
+    idx = torch.zeros(k, s + 1, dtype=torch.long, device=keep.device)
+    atoms = torch.arange(M, device=keep.device).expand(k, M)
+    idx.scatter_(1, torch.where(keep, rank, s), atoms)  # off-support atoms all land in slot s
+    idx = idx[:, :s]
     valid = torch.arange(s, device=keep.device) < keep.sum(-1, keepdim=True)
-    if gram.shape[0] == 1:
-        A = gram[0][idx[:, :, None], idx[:, None, :]]
-    else:
-        A = gram[problem_of_row[:, None, None], idx[:, :, None], idx[:, None, :]]
-    A = A.to(wide) * eta_rows[:, None, None]
-    A = torch.where(valid[:, :, None] & valid[:, None, :], A, 0)
+    vf = valid.to(wide)
+    # the support rows of each Gram (whole rows, contiguous), then their support columns: several
+    # times faster than one three-index gather
+    rows = idx if gram.shape[0] == 1 else idx + (problem_of_row * M)[:, None]
+    A = gram.reshape(-1, M).index_select(0, rows.flatten()).view(k, s, M).gather(2, idx[:, None, :].expand(k, s, s))
+    A = A.to(wide).mul_((eta_rows[:, None] * vf)[:, :, None]).mul_(vf[:, None, :])
     diag = A.diagonal(dim1=-2, dim2=-1)
     d_max = torch.where(valid, diag + ridge, -math.inf).amax(-1, keepdim=True)
     pad = torch.where(d_max > 0, d_max, 1.0)
     diag.add_(torch.where(valid, ridge, pad))
-    b = torch.where(valid, rhs_rows.gather(1, idx).to(wide), 0)
+    b = rhs_rows.gather(1, idx).to(wide) * vf
 
     rcond = RCOND_FACTOR * s * torch.finfo(wide).eps
     L, info = torch.linalg.cholesky_ex(A)
@@ -208,13 +222,13 @@ def _solve_rows(gram, keep, rhs_rows, eta_rows, problem_of_row, ridge, s, wide):
         cut = rcond * w.abs().amax(-1, keepdim=True)
         inv = torch.where(w.abs() > cut, 1.0 / torch.where(w.abs() > cut, w, 1.0), 0.0)
         u[which] = (V @ (inv * (V.transpose(-1, -2) @ b[which, :, None])[..., 0])[..., None])[..., 0]
-    u = torch.where(valid, u, 0)
+    u = u * vf
 
     r = (A @ u[:, :, None])[..., 0] - b
     r_norm, b_norm = r.norm(dim=-1), b.norm(dim=-1)
     rel = torch.where(b_norm > 0, r_norm / torch.where(b_norm > 0, b_norm, 1.0), r_norm)
-    out = torch.zeros(k, keep.shape[1], dtype=wide, device=keep.device)
-    out.scatter_(1, idx, u)
+    out = torch.zeros(k, M, dtype=wide, device=keep.device)
+    out.scatter_add_(1, idx, u)  # pad slots add their zeros to atom 0
     return out, rel
 
 

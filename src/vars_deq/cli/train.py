@@ -44,6 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-lr", type=float, help=f"default {d.min_lr}")
     p.add_argument("--clip-grad", type=float, help="clip the gradient norm to this (default: no clipping)")
     p.add_argument("--smoothing", type=float, help=f"label smoothing (default {d.smoothing})")
+    p.add_argument("--shift", type=int, metavar="PIXELS",
+                   help="translate each training image by a random offset of up to PIXELS in each direction, "
+                        f"zeros shifted in (default {d.shift}: no augmentation)")
     p.add_argument("--amp", choices=AMP_MODES, help="mixed precision: bf16 on CPU or CUDA, fp16 on CUDA with a "
                                                   f"gradient scaler (default {d.amp})")
     p.add_argument("--compile", action="store_const", const=True,

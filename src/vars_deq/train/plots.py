@@ -62,8 +62,10 @@ def plot_curves(history: Sequence[dict[str, Any]], path: str | os.PathLike, titl
 
     Axes are fixed so that flat curves look flat: loss from 0, accuracy on [0, 1] with the chance
     level 1/num_classes drawn (when given), integer epoch ticks. The solver panels show the mean
-    forward steps and the fraction of converged problems (``solver_steps``, ``solver_converged``
-    of the metrics: a number, the mean over layers, or a list with one value per layer).
+    forward steps, the largest relative residual and the fraction of converged problems, per layer
+    where the metrics have ``solver_{steps,residual,converged}_per_layer`` (the trainer writes
+    them), else ``solver_steps`` and ``solver_converged`` (a number, the mean over layers, or a
+    list with one value per layer).
 
     Args:
         history: the per-epoch records of metrics.jsonl (epoch, train/test loss and accuracy, ...).
@@ -79,9 +81,11 @@ def plot_curves(history: Sequence[dict[str, Any]], path: str | os.PathLike, titl
     from matplotlib.ticker import MaxNLocator
 
     epochs = [h["epoch"] for h in history]
-    steps = _per_layer(history, "solver_steps")
-    converged = _per_layer(history, "solver_converged")
-    ncols = 2 + (steps is not None) + (converged is not None)
+    # per layer where the metrics have it (the trainer's), else the mean over layers
+    steps = _per_layer(history, "solver_steps_per_layer") or _per_layer(history, "solver_steps")
+    converged = _per_layer(history, "solver_converged_per_layer") or _per_layer(history, "solver_converged")
+    residual = _per_layer(history, "solver_residual_per_layer")
+    ncols = 2 + sum(series is not None for series in (steps, residual, converged))
     fig, axes = plt.subplots(1, ncols, figsize=(4.2 * ncols, 3.6), squeeze=False)
     axes = list(axes[0])
     for split, style in (("train", "-o"), ("test", "-s")):
@@ -93,7 +97,9 @@ def plot_curves(history: Sequence[dict[str, Any]], path: str | os.PathLike, titl
     if num_classes:
         axes[1].axhline(1 / num_classes, color="grey", ls=":", lw=1, label=f"chance (1/{num_classes})")
     panel = 2
-    for series, label, ylim in ((steps, "mean forward steps", (0, None)), (converged, "converged fraction", (0, 1.02))):
+    for series, label, ylim in ((steps, "mean forward steps", (0, None)),
+                                (residual, "largest residual", None),
+                                (converged, "converged fraction", (0, 1.02))):
         if series is None:
             continue
         ax = axes[panel]
@@ -101,7 +107,10 @@ def plot_curves(history: Sequence[dict[str, Any]], path: str | os.PathLike, titl
         for i, ys in enumerate(series):
             ax.plot(epochs, ys, "-o", ms=3, label=f"layer {i}" if len(series) > 1 else "mean over layers")
         ax.set(xlabel="epoch", ylabel=label, title=f"VARS forward (train): {label}")
-        ax.set_ylim(*ylim)
+        if ylim is None:  # residuals span decades; a step's largest one, averaged over the epoch
+            ax.set_yscale("log")
+        else:
+            ax.set_ylim(*ylim)
         ax.legend(fontsize=7)
     for ax in axes:
         ax.grid(alpha=0.3)

@@ -33,10 +33,10 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
-from ..data import build_datasets, model_input_size
+from ..data import build_datasets, model_input_size, random_shift
 from ..equilibrium import ConvergenceWarning
 from ..backward import UNCONVERGED_ADJOINTS, UNCONVERGED_BACKWARDS
-from ..layers import SparseReconstruction, WarmStart, layer_stats
+from ..layers import SparseReconstruction, WarmStart
 from .checkpoint import (
     CheckpointError,
     atomic_write_bytes,
@@ -87,9 +87,11 @@ class TrainConfig:
     max_steps, tol, lam); the model's own defaults stand for the rest. ``warm_start`` (opt-in): VARS
     layers that solve to a tol (the DEQ presets) start each training sample from its equilibrium of
     its previous visit (:class:`vars_deq.WarmStart`, saved in the checkpoints); fixed-step layers, the
-    evaluation and DDP runs (whose ranks see different samples each epoch) always start cold. ``checkpoint_every``
-    adds mid-epoch checkpoints every N optimizer steps (0: only at epoch ends). ``resume`` is a
-    checkpoint path, or "auto" for ``<output>/checkpoint.pth``.
+    evaluation and DDP runs (whose ranks see different samples each epoch) always start cold.
+    ``shift``: each training image is translated by a random offset of up to that many pixels
+    (:func:`vars_deq.data.random_shift`, drawn from the global RNG the checkpoints carry; 0: none).
+    ``checkpoint_every`` adds mid-epoch checkpoints every N optimizer steps (0: only at epoch
+    ends). ``resume`` is a checkpoint path, or "auto" for ``<output>/checkpoint.pth``.
     """
 
     model: str = "vars_sd_digits"
@@ -111,6 +113,7 @@ class TrainConfig:
     min_lr: float = 1e-5
     clip_grad: float | None = None
     smoothing: float = 0.0
+    shift: int = 0
     amp: str = "none"
     compile: bool = False
     device: str = "auto"
@@ -125,7 +128,7 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "eval_batch_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_epochs", "workers", "checkpoint_every"):
+        for name in ("warmup_epochs", "workers", "checkpoint_every", "shift"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -145,6 +148,9 @@ class TrainConfig:
         unknown = set(self.layer_options) - set(LAYER_OPTIONS)
         if unknown:
             raise ValueError(f"unknown VARS layer option(s) {sorted(unknown)}; valid: {list(LAYER_OPTIONS)}")
+
+
+_ACCUM_HEAD = 7  # the whole-model sums of Trainer.accum before the per-layer ones
 
 
 def resume_path(output: str | os.PathLike, resume: str) -> Path:
@@ -245,6 +251,9 @@ class _Trainer:
         self.model = model.to(self.device)
 
         self.data = build_datasets(cfg.dataset, cfg.data_dir, model_input_size(model))
+        if cfg.shift >= min(self.data.input_size[1:]):
+            raise ValueError(f"shift must be in [0, {min(self.data.input_size[1:]) - 1}] for the "
+                             f"{self.data.input_size[1]} x {self.data.input_size[2]} images, got {cfg.shift}")
         num_classes = getattr(model, "num_classes", self.data.num_classes)
         if num_classes != self.data.num_classes:
             raise ValueError(
@@ -272,9 +281,11 @@ class _Trainer:
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.last_convergence_warning = ""
         self.history: list[dict[str, Any]] = []
+        self.vars_layers = [m for m in model.modules() if isinstance(m, SparseReconstruction)]
         # running epoch sums: loss * n, correct, n, then over steps with VARS layers: their mean
-        # solver steps, such steps, their mean converged fraction, steps that warned of no convergence
-        self.accum = torch.zeros(7, dtype=torch.float64)
+        # solver steps, such steps, their mean converged fraction, steps that warned of no convergence;
+        # then per VARS layer: its steps, its largest residual, its converged fraction
+        self.accum = torch.zeros(_ACCUM_HEAD + 3 * len(self.vars_layers), dtype=torch.float64)
         self.warm = None
         if cfg.warm_start and not info.distributed and any(
                 m.tol is not None for m in model.modules() if isinstance(m, SparseReconstruction)):
@@ -312,7 +323,8 @@ class _Trainer:
         self.global_step = int(ckpt["global_step"])
         self.history = list(ckpt.get("history", []))
         if self.info.is_main and ckpt.get("accum") is not None:
-            self.accum = ckpt["accum"].clone().to(torch.float64)
+            saved = ckpt["accum"].to(torch.float64)
+            self.accum[:saved.numel()] = saved[:self.accum.numel()]  # checkpoints before the per-layer sums
         if self.warm is not None and ckpt.get("warm_start") is not None:
             self.warm.load_state_dict(ckpt["warm_start"])
             self.warm.warm, self.warm.total = ckpt["warm_start"].get("counts", (0, 0))
@@ -346,6 +358,7 @@ class _Trainer:
                 "test_acc": test_acc,
                 "solver_steps": totals[3].item() / totals[4].item() if totals[4] > 0 else None,
                 "solver_converged": totals[5].item() / totals[4].item() if totals[4] > 0 else None,
+                **self._per_layer_record(totals),
                 "unconverged_warning_steps": int(totals[6].item()),
                 "warm_started": self.warm.warm / self.warm.total if self.warm is not None and self.warm.total else None,
                 "epoch_time_s": time.perf_counter() - t0,
@@ -428,6 +441,7 @@ class _Trainer:
         cfg = self.cfg
         x = x.to(self.device, non_blocking=True)
         y = y.to(self.device, non_blocking=True)
+        x = random_shift(x, cfg.shift)
         with self._autocast():
             logits = self.ddp(x)
         loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.smoothing)
@@ -463,12 +477,21 @@ class _Trainer:
         self.step_in_epoch += 1
         if self.scheduler is not None:
             self.scheduler.step_update(num_updates=self.global_step)
-        stats = layer_stats(self.model)
-        solver = [0.0, 0.0, 0.0]
-        if stats:
-            solver = [sum(s["steps"] for s in stats) / len(stats), 1.0,
-                      sum(s["converged"] for s in stats) / len(stats)]
+        per_layer = torch.tensor([[float(m.last_stats[k]) for k in ("steps", "residual", "converged")]
+                                  if m.last_stats else [math.nan] * 3 for m in self.vars_layers],
+                                 dtype=torch.float64).view(-1, 3)
+        ran = per_layer[~per_layer[:, 0].isnan()]
+        solver = [ran[:, 0].mean().item(), 1.0, ran[:, 2].mean().item()] if len(ran) else [0.0, 0.0, 0.0]
         self.accum[:6] += torch.tensor([*local[:3].tolist(), *solver], dtype=torch.float64)
+        self.accum[_ACCUM_HEAD:] += per_layer.nan_to_num(0.0).flatten()
+
+    def _per_layer_record(self, totals: torch.Tensor) -> dict[str, list[float] | None]:
+        """Each VARS layer's forward over the epoch: mean steps, mean of the per-step largest
+        residual, mean converged fraction (None without VARS layers or steps)."""
+        n = totals[4].item()
+        per = totals[_ACCUM_HEAD:].view(-1, 3) / n if n > 0 and self.vars_layers else None
+        return {f"solver_{key}_per_layer": None if per is None else per[:, j].tolist()
+                for j, key in enumerate(("steps", "residual", "converged"))}
 
     def _diverged(self, what: str, epoch: int, step: int, taken: bool = False) -> None:
         kept = (f"the last good checkpoint {str(self.ckpt_path)!r} is kept unchanged" if self.ckpt_path.exists()
