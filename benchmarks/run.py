@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ("solvers", "step_map", "backward", "adjoint_cost", "models", "flops", "layer", "compile")
+BENCHMARKS = ("solvers", "step_map", "backward", "adjoint_cost", "train_step", "models", "flops", "layer", "compile")
 JOBS = (*BENCHMARKS, "compare")
 QUICK_COMPARE = ["--num-images", "1", "--solvers", "ista", "fista", "--tols", "1e-2", "--max-steps", "20",
                  "--synthetic", "--repeats", "1"]

@@ -39,6 +39,7 @@ EXPECTED_KEYS = {
     "compile": {"benchmark", "quick", "config", "environment", "results"},
     "adjoint_cost": {"benchmark", "quick", "config", "environment", "results", "summary"},
     "step_map": {"benchmark", "quick", "config", "environment", "rows"},
+    "train_step": {"benchmark", "quick", "config", "environment", "rows"},
 }
 
 
@@ -121,6 +122,17 @@ def test_adjoint_cost_quick_times_every_adjoint_and_fits_the_constants(quick_res
         assert all(run["converged"] for run in row["runs"].values())
     for a, b in data["summary"]["fitted"].values():
         assert a >= 0 and b >= 0 and a + b > 0
+
+
+def test_train_step_quick_times_every_backward_and_the_warm_start_saves_forward_steps(quick_results):
+    rows = load(quick_results[0], "train_step")["rows"]
+    assert set(rows) == {"unroll", "implicit", "implicit_direct", "implicit_cg", "implicit_warm"}
+    assert rows["unroll"]["forward_steps_per_layer"] == [5.0] * 4 and rows["unroll"]["step_over_unroll"] == 1.0
+    assert rows["implicit_direct"]["adjoint"] == ["direct"] and rows["implicit_cg"]["adjoint"] == ["cg"]
+    cold, warm = rows["implicit"]["forward_steps_per_layer"], rows["implicit_warm"]["forward_steps_per_layer"]
+    assert all(w <= 2 < c for w, c in zip(warm, cold))  # the same batch at the same weights: already converged
+    for row in rows.values():
+        assert row["step_ms"] > 0 and row["forward_ms"] > 0 and row["backward_ms"] > 0
 
 
 def test_flops_quick_counts_digits_and_one_tiny_model(quick_results):
