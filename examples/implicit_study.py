@@ -49,6 +49,8 @@ from vars_deq.layers.sparse_reconstruction import FORWARD_PRESETS
 MODEL = "vars_sd_digits"
 TARGET_ACC = 0.97
 MEMORY_BATCH = 64
+#: the batch of the published study (benchmarks/results/cpu/implicit_study.*), kept when the trainer's default moved to 32
+BATCH_SIZE = 64
 DEFAULT_OUT = "benchmarks/results/cpu/implicit_study.json"
 
 #: method -> the VARS layer options of its training run (TrainConfig.layer_options)
@@ -155,7 +157,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     if not reused:
         dataset = {"dataset": "imagefolder", "data_dir": job["data_dir"]} if job["data_dir"] else {}
         train(TrainConfig(model=MODEL, layer_options=dict(METHODS[job["method"]]), epochs=job["epochs"],
-                          seed=job["seed"], output=str(out), device="cpu", progress=False,
+                          batch_size=BATCH_SIZE, seed=job["seed"], output=str(out), device="cpu", progress=False,
                           resume="auto" if (out / "checkpoint.pth").exists() else None, **dataset))
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
     elapsed, t = [], 0.0

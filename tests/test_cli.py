@@ -27,7 +27,7 @@ def run_dir(tmp_path_factory):
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        code = cli.main(["train", *MODEL, "--epochs", "2", "--lr", "3e-3", "--warmup-epochs", "0",
+        code = cli.main(["train", *MODEL, "--epochs", "2", "--batch-size", "64", "--lr", "3e-3", "--warmup-epochs", "0",
                          "--output", str(out), "--no-progress", "--device", "cpu"])
     finally:
         torch.set_num_threads(n)

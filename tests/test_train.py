@@ -94,8 +94,8 @@ def tinynan_testonly(pretrained=False, **kwargs):
 
 
 def _config(out, **kw):
-    base = dict(model=VIT, model_kwargs=dict(TINY), output=str(out), epochs=2, lr=3e-3, warmup_epochs=0,
-                weight_decay=0.0, progress=False, device="cpu")
+    base = dict(model=VIT, model_kwargs=dict(TINY), output=str(out), epochs=2, batch_size=64, lr=3e-3,
+                warmup_epochs=0, weight_decay=0.0, progress=False, device="cpu")
     return TrainConfig(**{**base, **kw})
 
 
@@ -170,9 +170,9 @@ def test_resume_after_kill_mid_epoch_matches_uninterrupted(baseline, tmp_path):
     base_out, base_summary = baseline
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "vars_deq.cli", "train", "--model", VIT, "--model-kwargs",
-           *[f"{k}={v}" for k, v in TINY.items()], "--epochs", "2", "--lr", "3e-3", "--warmup-epochs", "0",
-           "--weight-decay", "0", "--device", "cpu", "--checkpoint-every", "5", "--output", str(out),
-           "--no-progress", "--threads", "1"]
+           *[f"{k}={v}" for k, v in TINY.items()], "--epochs", "2", "--batch-size", "64", "--lr", "3e-3",
+           "--warmup-epochs", "0", "--weight-decay", "0", "--device", "cpu", "--checkpoint-every", "5",
+           "--output", str(out), "--no-progress", "--threads", "1"]
     env = {**os.environ, FAULT_EXIT_ENV: "33", "OMP_NUM_THREADS": "1"}
     proc = _run_group(cmd, env)
     assert proc.returncode == 86, proc.stderr  # died abruptly after step 33 (epoch 2, batch 10)

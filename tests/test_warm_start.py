@@ -140,8 +140,8 @@ def test_trainer_with_a_warm_start_resumes_exactly(tmp_path, monkeypatch):
     from vars_deq.train import trainer as trainer_mod
 
     def config(out, **kw):
-        return resolve_config(dict(model="tinyvars_testonly", output=str(out), epochs=2, lr=3e-3, warmup_epochs=0,
-                                   device="cpu", progress=False, checkpoint_every=5,
+        return resolve_config(dict(model="tinyvars_testonly", output=str(out), epochs=2, batch_size=64, lr=3e-3,
+                                   warmup_epochs=0, device="cpu", progress=False, checkpoint_every=5,
                                    layer_options={"backward": "implicit"}, warm_start=True, **kw))
 
     whole = train(config(tmp_path / "whole"))
@@ -168,5 +168,6 @@ def test_trainer_with_a_warm_start_resumes_exactly(tmp_path, monkeypatch):
     for name, codes in reference["warm_start"]["codes"].items():
         torch.testing.assert_close(final["warm_start"]["codes"][name], codes, rtol=1e-4, atol=1e-5, msg=name)
     cold = train(resolve_config(dict(model="tinyvars_testonly", output=str(tmp_path / "cold"), epochs=1,
-                                     device="cpu", progress=False, layer_options={"backward": "implicit"})))
+                                     batch_size=64, device="cpu", progress=False,
+                                     layer_options={"backward": "implicit"})))
     assert cold["final"]["warm_started"] is None

@@ -77,6 +77,8 @@ ABLATION_SOURCE = {("steps", "5"): "vars_sd", ("steps", "converged"): "vars_sd_d
 CIFAR_MODEL_KWARGS = {"img_size": 32, "in_chans": 3, "patch_size": 4}
 MAP_CORRUPTION = ("gaussian_noise", 3)
 PLATEAU_EPOCHS = 5
+#: the batch of the published Table 2 (benchmarks/results/cpu/table2.*), kept when the trainer's default moved to 32
+BATCH_SIZE = 64
 PGD_CHUNK = 50
 
 
@@ -177,7 +179,8 @@ def run_job(job: Job) -> dict[str, Any]:
     t0 = time.perf_counter()
     if not reused:
         train(TrainConfig(model=job.registered, model_kwargs=model_kwargs, layer_options=job.layer_options,
-                          epochs=cfg.epochs, seed=job.seed, output=str(out), device="cpu", progress=False,
+                          epochs=cfg.epochs, batch_size=BATCH_SIZE, seed=job.seed, output=str(out), device="cpu",
+                          progress=False,
                           resume="auto" if (out / "checkpoint.pth").exists() else None, **data))
     train_wall = time.perf_counter() - t0
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]

@@ -100,8 +100,10 @@ class TrainConfig:
     dataset: str = "digits"
     data_dir: str | None = None
     output: str = "runs/train"
-    epochs: int = 20
-    batch_size: int = 64
+    # 30 epochs at batch 32: on the digits, 3 seeds, both the unrolled original (97.0 / 96.6% best /
+    # final) and the DEQ (96.4-96.7 / 96.4%) train better than at batch 64 (README, implicit training)
+    epochs: int = 30
+    batch_size: int = 32
     eval_batch_size: int = 256
     opt: str = "adamw"
     lr: float = 1e-3
