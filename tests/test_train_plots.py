@@ -16,23 +16,29 @@ def _history(n: int, solver: object = None, converged: object = None) -> list[di
              "test_acc": 0.1 + 0.09 * e, "solver_steps": solver, "solver_converged": converged} for e in range(n)]
 
 
+@pytest.fixture
+def figures(monkeypatch) -> list:
+    """The figures plt.subplots makes during the test."""
+    import matplotlib.pyplot as plt
+
+    made = []
+    real = plt.subplots
+
+    def spy(*args, **kwargs):
+        fig, axes = real(*args, **kwargs)
+        made.append(fig)
+        return fig, axes
+
+    monkeypatch.setattr(plt, "subplots", spy)
+    return made
+
+
 @pytest.mark.parametrize("solver,converged,panels", [
     (None, None, 2),
     (60.5, 1.0, 4),
     ([5.0, 7.0], [0.0, 0.5], 4),
 ])
-def test_plot_renders_with_fixed_axes(tmp_path, monkeypatch, solver, converged, panels):
-    import matplotlib.pyplot as plt
-
-    figures = []
-    real = plt.subplots
-
-    def spy(*args, **kwargs):
-        fig, axes = real(*args, **kwargs)
-        figures.append(fig)
-        return fig, axes
-
-    monkeypatch.setattr(plt, "subplots", spy)
+def test_plot_renders_with_fixed_axes(tmp_path, figures, solver, converged, panels):
     path = tmp_path / "curves.png"
     plots.plot_curves(_history(3, solver, converged), path, title="vars_sd_digits",
                       layers="backward implicit (adjoint direct), forward fista", num_classes=10)
@@ -58,18 +64,7 @@ def test_describe_layers_names_backward_and_forward():
     assert plots.describe_layers(torch.nn.Linear(2, 2)) == ""
 
 
-def test_plot_takes_the_per_layer_statistics_with_a_log_residual_panel(tmp_path, monkeypatch):
-    import matplotlib.pyplot as plt
-
-    figures = []
-    real = plt.subplots
-
-    def spy(*args, **kwargs):
-        fig, axes = real(*args, **kwargs)
-        figures.append(fig)
-        return fig, axes
-
-    monkeypatch.setattr(plt, "subplots", spy)
+def test_plot_takes_the_per_layer_statistics_with_a_log_residual_panel(tmp_path, figures):
     history = _history(3, 6.0, 0.5)  # the means stand beside the per-layer series, which win
     for h in history:
         h.update(solver_steps_per_layer=[5.0, 7.0, 9.0], solver_residual_per_layer=[1e-4, 3e-4, 2e-3],

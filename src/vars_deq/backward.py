@@ -355,6 +355,12 @@ def _lasso_adjoint(flat: LassoBatch, zs, g, method, tol, max_steps, ridge=0.0):
         gz = op.normal(zs)
         pre = zs - eta * (gz - b)
         mask = active_mask(pre, eta * lam, flat.nonneg).to(wide)
+        budget = max_steps
+        if method == "auto":
+            P, M, C = mask.shape
+            budget = min(max_steps, cg_budget(P, C, M, support_groups(mask)))  # the backward may sync
+            if budget < CG_MIN_ITERATIONS:  # too few for CG to converge: straight to the direct solve
+                method = "direct"
         if method == "direct":
             u, rel = support_solve(_gram(op), mask, g, eta, ridge)
             return u.to(out_dtype), torch.ones(u.shape[0], dtype=torch.long, device=u.device), rel, method
@@ -364,13 +370,6 @@ def _lasso_adjoint(flat: LassoBatch, zs, g, method, tol, max_steps, ridge=0.0):
             def apply_A(v):
                 return mask * (op.normal(mask * v) + (ridge / eta) * v) + (1 - mask) * v
 
-            budget = max_steps
-            if method == "auto":
-                P, M, C = mask.shape
-                budget = min(max_steps, cg_budget(P, C, M, support_groups(mask)))  # the backward may sync
-                if budget < CG_MIN_ITERATIONS:  # too few for CG to converge: straight to the direct solve
-                    u, rel = support_solve(_gram(op), mask, g, eta, ridge)
-                    return u.to(out_dtype), torch.ones(u.shape[0], dtype=torch.long, device=u.device), rel, "direct"
             u, steps, rel = conjugate_gradient(apply_A, rhs, tol, budget)
             if method == "cg":
                 return u.to(out_dtype), steps, rel, method

@@ -38,6 +38,7 @@ __all__ = [
     "adapt_images",
     "load_images",
     "random_shift",
+    "check_shift",
 ]
 
 DATASETS = ("digits", "imagefolder", "cifar10")
@@ -91,6 +92,13 @@ def adapt_images(x: torch.Tensor, input_size: tuple[int, int, int]) -> torch.Ten
     return x.clamp(0.0, 1.0).contiguous()
 
 
+def check_shift(shift: int, image_size: tuple[int, int], name: str = "shift") -> None:
+    """Raises ValueError unless 0 <= shift < the smaller image side (a shift must leave a pixel)."""
+    h, w = image_size
+    if not 0 <= shift < min(h, w):
+        raise ValueError(f"{name} must be in [0, {min(h, w) - 1}] for the {h} x {w} images, got {shift}")
+
+
 def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """Each image of ``x`` (B, C, H, W) translated by its own random (dy, dx), both uniform in
     [-max_shift, max_shift], with zeros shifted in: the translation augmentation of small-image
@@ -98,8 +106,7 @@ def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator | N
     if max_shift == 0:
         return x
     b, _, h, w = x.shape
-    if not 0 < max_shift < min(h, w):
-        raise ValueError(f"max_shift must be in [0, {min(h, w) - 1}] for {h} x {w} images, got {max_shift}")
+    check_shift(max_shift, (h, w), "max_shift")
     offsets = torch.randint(0, 2 * max_shift + 1, (2, b), generator=generator).to(x.device)
     padded = nn.functional.pad(x, (max_shift,) * 4)
     rows = (offsets[0, :, None] + torch.arange(h, device=x.device))[:, :, None]  # (B, H, 1)

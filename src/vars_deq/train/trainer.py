@@ -33,7 +33,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
-from ..data import build_datasets, model_input_size, random_shift
+from ..data import build_datasets, check_shift, model_input_size, random_shift
 from ..equilibrium import ConvergenceWarning
 from ..backward import UNCONVERGED_ADJOINTS, UNCONVERGED_BACKWARDS
 from ..layers import SparseReconstruction, WarmStart
@@ -153,6 +153,7 @@ class TrainConfig:
 
 
 _ACCUM_HEAD = 7  # the whole-model sums of Trainer.accum before the per-layer ones
+_LAYER_STATS = ("steps", "residual", "converged")  # each VARS layer's sums after them, in this order
 
 
 def resume_path(output: str | os.PathLike, resume: str) -> Path:
@@ -253,9 +254,7 @@ class _Trainer:
         self.model = model.to(self.device)
 
         self.data = build_datasets(cfg.dataset, cfg.data_dir, model_input_size(model))
-        if cfg.shift >= min(self.data.input_size[1:]):
-            raise ValueError(f"shift must be in [0, {min(self.data.input_size[1:]) - 1}] for the "
-                             f"{self.data.input_size[1]} x {self.data.input_size[2]} images, got {cfg.shift}")
+        check_shift(cfg.shift, self.data.input_size[1:])
         num_classes = getattr(model, "num_classes", self.data.num_classes)
         if num_classes != self.data.num_classes:
             raise ValueError(
@@ -289,8 +288,7 @@ class _Trainer:
         # then per VARS layer: its steps, its largest residual, its converged fraction
         self.accum = torch.zeros(_ACCUM_HEAD + 3 * len(self.vars_layers), dtype=torch.float64)
         self.warm = None
-        if cfg.warm_start and not info.distributed and any(
-                m.tol is not None for m in model.modules() if isinstance(m, SparseReconstruction)):
+        if cfg.warm_start and not info.distributed and any(m.tol is not None for m in self.vars_layers):
             self.warm = WarmStart(model, len(self.data.train))
         if ckpt is not None:
             self._restore(ckpt, str(src))
@@ -479,9 +477,13 @@ class _Trainer:
         self.step_in_epoch += 1
         if self.scheduler is not None:
             self.scheduler.step_update(num_updates=self.global_step)
-        per_layer = torch.tensor([[float(m.last_stats[k]) for k in ("steps", "residual", "converged")]
-                                  if m.last_stats else [math.nan] * 3 for m in self.vars_layers],
-                                 dtype=torch.float64).view(-1, 3)
+        # one host copy for every layer's statistics (NaN rows: layers this step did not run)
+        rows = [torch.stack([m.last_stats[k].float() for k in _LAYER_STATS]) if m.last_stats else None
+                for m in self.vars_layers]
+        device = next((r.device for r in rows if r is not None), torch.device("cpu"))
+        nan = torch.full((len(_LAYER_STATS),), math.nan, device=device)
+        per_layer = (torch.stack([nan if r is None else r for r in rows]).to("cpu", torch.float64) if rows
+                     else torch.zeros(0, len(_LAYER_STATS), dtype=torch.float64))
         ran = per_layer[~per_layer[:, 0].isnan()]
         solver = [ran[:, 0].mean().item(), 1.0, ran[:, 2].mean().item()] if len(ran) else [0.0, 0.0, 0.0]
         self.accum[:6] += torch.tensor([*local[:3].tolist(), *solver], dtype=torch.float64)
@@ -493,7 +495,7 @@ class _Trainer:
         n = totals[4].item()
         per = totals[_ACCUM_HEAD:].view(-1, 3) / n if n > 0 and self.vars_layers else None
         return {f"solver_{key}_per_layer": None if per is None else per[:, j].tolist()
-                for j, key in enumerate(("steps", "residual", "converged"))}
+                for j, key in enumerate(_LAYER_STATS)}
 
     def _diverged(self, what: str, epoch: int, step: int, taken: bool = False) -> None:
         kept = (f"the last good checkpoint {str(self.ckpt_path)!r} is kept unchanged" if self.ckpt_path.exists()
