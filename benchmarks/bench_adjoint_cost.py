@@ -10,7 +10,8 @@ vars_deq.direct_adjoint). A least-squares fit over the shapes of
 
     t_direct = a_d groups + b_d direct_flops,    t_cg / iterations = a_cg + b_cg cg_flops(1 iteration)
 
-(groups: the batched factorizations of the support-size groups, ``support_groups``)
+(groups: the batched factorizations of the system-size groups, ``support_groups``, dense columns at
+their co-support size where N >= M)
 
 (non-negative) gives ``DIRECT_COST`` = (a_d, b_d) and ``CG_ITERATION_COST`` = (a_cg, b_cg) in
 vars_deq/direct_adjoint.py, from which "auto" gives CG as many iterations as the direct solve
@@ -67,7 +68,8 @@ def problem(shape, device, seed=0):
 def backward_once(atoms, v, w, adjoint: str, device) -> tuple[float, Any, dict[int, int]]:
     z, sol = vd.sparse_code(vd.SparseCoding(atoms, v, LAM), solver="fista", max_steps=2000, tol=1e-4,
                             backward=vd.Implicit(adjoint=adjoint, max_steps=2000), return_solution=True)
-    support = support_groups(z.detach().flatten(0, 1) != 0)
+    # the systems the direct solve factorizes: dense columns on their co-support where N >= M
+    support = support_groups(z.detach().flatten(0, 1) != 0, complement=v.shape[-2] >= z.shape[-2])
     loss = (z * w).sum()
     v.grad = None
     _, t = common.timed(lambda: loss.backward(), device)

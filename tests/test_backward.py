@@ -311,7 +311,7 @@ def test_direct_and_auto_adjoints_match_cg_and_say_which_ran(adjoint):
 @pytest.mark.parametrize("budget, min_iterations, method", [(1, 1, "cg+direct"), (10_000, None, "cg"), (1, None, "direct")])
 def test_auto_adjoint_solves_directly_what_cg_leaves_within_its_budget(budget, min_iterations, method, monkeypatch):
     """"auto" = CG for cg_budget iterations, then the direct solve for the problems not converged;
-    the direct solve alone where the budget is below CG_MIN_ITERATIONS (16: a budget of 1 is)."""
+    the direct solve alone where the budget is below CG_MIN_ITERATIONS (24: a budget of 1 is)."""
     from vars_deq import backward
 
     monkeypatch.setattr(backward, "cg_budget", lambda *counts: budget)

@@ -272,6 +272,84 @@ def test_chunked_solve_equals_one_chunk(case):
     torch.testing.assert_close(chunked[1], whole[1], rtol=0, atol=1e-15)
 
 
+# -- the co-support (Schur complement) path ------------------------------------------------------
+
+
+@given(spd_cases())
+def test_complement_path_equals_the_support_path(case):
+    """Columns with more atoms on than off solved on their co-support through A^{-1} (the fast
+    path) give the per-support Cholesky solve (the plain one) to rounding, and its residual."""
+    gram, mask, rhs, eta, ridge = case
+    fast = support_solve(gram, mask, rhs, eta, ridge)
+    plain = support_solve(gram, mask, rhs, eta, ridge, complement=False)
+    torch.testing.assert_close(fast[0], plain[0], rtol=1e-10, atol=1e-10 * max(1.0, plain[0].abs().max().item()))
+    assert torch.equal(fast[0][~mask], torch.zeros_like(fast[0][~mask]))
+    torch.testing.assert_close(fast[1], honest_residual(gram, mask, rhs, eta, fast[0], ridge), atol=1e-13, rtol=0)
+
+
+def _spy_complement(monkeypatch):
+    """Records (problems, dense-row mask) of every co-support solve."""
+    calls = []
+    real = direct_adjoint._solve_complement
+
+    def spy(inverse, gram, keep, rhs_rows, eta_p, ridge, co, wide):
+        calls.append((inverse.shape[0], co.clone()))
+        return real(inverse, gram, keep, rhs_rows, eta_p, ridge, co, wide)
+
+    monkeypatch.setattr(direct_adjoint, "_solve_complement", spy)
+    return calls
+
+
+SIZES = (2, 5, 8, 9, 10, 10, 11, 12, 12, 12)  # of M = 12: eight columns dense (12 - s < 0.7 s)
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+def test_dense_supports_take_the_complement_path_and_stay_exact(monkeypatch, dtype):
+    """Problem 0 (N = 40 >= M = 12, 8 of 10 columns dense) goes through A^{-1}; problem 1 (N = 5 < M,
+    A singular) keeps the per-support path and its pseudo-inverse fallback; problem 2 (N = 40, 2 of
+    10 columns dense) keeps it too: the path's per-problem cost would not pay."""
+    g = torch.Generator().manual_seed(11)
+    M, C = 12, len(SIZES)
+    D = [torch.randn(n, M, generator=g, dtype=F64) for n in (40, 5, 40)]
+    gram = torch.stack([d.T @ d for d in D])
+    ranks = torch.rand(3, M, C, generator=g).argsort(1).argsort(1)
+    sizes = torch.tensor([SIZES, SIZES, tuple(reversed(SIZES))])
+    sizes[2] = torch.tensor((2, 3, 4, 5, 6, 6, 5, 4, 12, 12))
+    mask = ranks < sizes[:, None, :]
+    rhs = torch.randn(3, M, C, generator=g, dtype=F64)
+    calls = _spy_complement(monkeypatch)
+    u, rel = support_solve(gram.to(dtype), mask, rhs.to(dtype), 0.2)
+    assert len(calls) == 1 and calls[0][0] == 1  # problem 0 alone
+    assert torch.equal(calls[0][1], torch.tensor(SIZES) > 7)
+    u_plain, rel_plain = support_solve(gram.to(dtype), mask, rhs.to(dtype), 0.2, complement=False)
+    tol = 1e-10 if dtype == F64 else 1e-4
+    torch.testing.assert_close(u[0].double(), dense_reference(gram[:1], mask[:1], rhs[:1], 0.2)[0], rtol=tol, atol=tol)
+    assert torch.equal(u[1:], u_plain[1:]) and torch.equal(rel[1:], rel_plain[1:])
+    assert u.dtype == dtype and rel.dtype == dtype and float(rel[0]) < (1e-12 if dtype == F64 else 1e-6)
+
+
+def test_a_ridge_opens_the_complement_path_on_a_singular_gram(monkeypatch):
+    gram, mask, rhs = singular_case(7)  # problem 1: rank 3 of 7 atoms, full support
+    calls = _spy_complement(monkeypatch)
+    u, rel = support_solve(gram, mask, rhs, 0.5, ridge=1e-2)
+    assert len(calls) == 1 and bool(calls[0][1][-mask.shape[-1]:].all())  # problem 1 (the last) went through A^{-1}
+    torch.testing.assert_close(u, dense_reference(gram, mask, rhs, 0.5, ridge=1e-2), rtol=1e-9, atol=1e-9)
+    assert bool((rel < 1e-12).all())
+
+
+def test_support_groups_counts_dense_columns_at_their_co_support_size():
+    mask = torch.zeros(2, 16, 4, dtype=torch.bool)
+    for c, s in enumerate((3, 13, 14, 16)):  # problem 0: 3 of 4 columns dense (16 - s < 0.7 s)
+        mask[0, :s, c] = True
+    for c, s in enumerate((3, 4, 5, 13)):  # problem 1: 1 of 4
+        mask[1, :s, c] = True
+    assert support_groups(mask) == {8: 4, 16: 4}
+    # on their supports: 3 (problem 0) and 3, 4, 5 pad to 8, and problem 1's dense 13 stays (the
+    # largest of them, so unpadded); problem 0's 13 and 14 on leave 3 and 2 off (both padded to 3),
+    # its 16 on leaves no system
+    assert support_groups(mask, complement=True) == {8: 4, 13: 1, 3: 2}
+
+
 def test_invalid_arguments_raise():
     gram, mask, rhs = torch.eye(3)[None], torch.ones(2, 3, 1, dtype=torch.bool), torch.ones(2, 3, 1)
     with pytest.raises(ValueError, match="rhs"):

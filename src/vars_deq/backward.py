@@ -358,7 +358,9 @@ def _lasso_adjoint(flat: LassoBatch, zs, g, method, tol, max_steps, ridge=0.0):
         budget = max_steps
         if method == "auto":
             P, M, C = mask.shape
-            budget = min(max_steps, cg_budget(P, C, M, support_groups(mask)))  # the backward may sync
+            # the direct solve takes dense columns on their co-support where A can be positive definite
+            complement = ridge > 0 or op.num_tokens >= M
+            budget = min(max_steps, cg_budget(P, C, M, support_groups(mask, complement)))  # the backward may sync
             if budget < CG_MIN_ITERATIONS:  # too few for CG to converge: straight to the direct solve
                 method = "direct"
         if method == "direct":

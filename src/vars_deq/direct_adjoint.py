@@ -8,7 +8,9 @@ S = {i : mask[p, i, c]} (the rows of the adjoint system on the support; vars_deq
 :func:`support_solve` gathers each column's support Gram and solves it by batched Cholesky
 factorizations, columns grouped by support size (:func:`support_groups`), each group padded to its
 own largest size: about s^3 / 3 flops per column, against one M x M Gram product per column for
-every conjugate-gradient iteration (:func:`cg_flops`).
+every conjugate-gradient iteration (:func:`cg_flops`). A column with more atoms on its support than
+off it is solved on its co-support instead, through the inverse of the whole A (a Schur
+complement): (M - s)^3 / 3 flops.
 :func:`cg_budget` turns the two counts, weighed by the measured time of a flop of each
 (:data:`DIRECT_COST`, :data:`CG_ITERATION_COST`), into the CG iterations "auto" runs before it
 solves directly.
@@ -32,6 +34,9 @@ __all__ = [
     "DIRECT_COST",
     "CG_ITERATION_COST",
     "CG_MIN_ITERATIONS",
+    "COMPLEMENT_RCOND",
+    "COMPLEMENT_RATIO",
+    "COMPLEMENT_MIN_FRACTION",
 ]
 
 SUPPORT_BUCKET = 8
@@ -41,10 +46,11 @@ largest support (VARS-D at DeiT-Tiny shape: mean 66, largest 107 of 128 atoms) s
 times the flops of the supports themselves; steps of 8 waste at most 8 rows a column for at most
 M / 8 batched calls."""
 
-GATHER_BUDGET_BYTES = 2**28
-"""Largest gathered support Gram (columns x s_max x s_max, in the compute dtype) built at once:
-256 MiB. Columns beyond it are solved in further chunks; a chunk's peak is about twice this (the
-matrix and its Cholesky factor) plus the fallback's eigendecomposition of its failed columns."""
+GATHER_BUDGET_BYTES = 2**23
+"""Most bytes of the gathered support systems built at once: each column's s support rows of the
+Gram (s x M, gathered first) and its s x s system and factor, in the compute dtype; 8 MiB.
+Columns beyond it are solved in further chunks, so the direct adjoint's working memory does not
+grow with the batch (the fallback's eigendecomposition of a chunk's failed columns comes on top)."""
 
 RCOND_FACTOR = 10.0
 """A support system counts as numerically singular below the relative level
@@ -52,11 +58,11 @@ rcond = RCOND_FACTOR * s * eps(compute dtype), s its padded size: a Cholesky piv
 d_k <= rcond * max_i A_ii (every pivot is >= lambda_min(A), so cond(A) >= 1 / rcond), and in the
 fallback the eigenvalues |w| <= rcond * max |w| that are treated as zero."""
 
-DIRECT_COST = (1.9e-3, 3.2e-10)
+DIRECT_COST = (2.7e-3, 2.0e-10)
 """Seconds of a direct solve: (per batched factorization, one per support group; per counted flop
 of :func:`direct_flops`)."""
 
-CG_ITERATION_COST = (3.1e-4, 1.9e-11)
+CG_ITERATION_COST = (2.3e-4, 2.1e-11)
 """Seconds of one CG iteration: (per iteration, per counted flop of :func:`cg_flops`).
 
 CPU, one thread: both pairs are the least-squares fit, in relative error, of
@@ -69,11 +75,30 @@ CG, and on small problems a call's fixed cost (its kernels and the Python around
 its flops."""
 
 
-CG_MIN_ITERATIONS = 16
+COMPLEMENT_RATIO = 0.7
+"""A column goes to the co-support path of :func:`support_solve` where M - s < this times s, its
+support s: that path runs in float64, about twice a float32 flop's time, plus three M x M
+products per column, so it pays where (M - s)^3 is well below s^3."""
+
+COMPLEMENT_MIN_FRACTION = 0.5
+"""A problem takes the co-support path only where at least this fraction of its columns are dense
+(:data:`COMPLEMENT_RATIO`): its float64 inverse and M x M products are paid per problem.
+Measured (VARS-D, DeiT-Tiny shape, CPU): with 95% of the columns dense (30 FISTA steps) the
+path halves the solve; with 8% (at convergence) it made it 30% slower."""
+
+COMPLEMENT_RCOND = 1e-8
+"""The co-support path of :func:`support_solve` is used in a problem only where the float64
+Cholesky of its whole A = eta G + ridge I has every pivot above this times max_i A_ii (or above
+the input dtype's singularity level, RCOND_FACTOR * M * eps, where that is larger): A is then far
+from singular, and B = A^{-1} is formed to about cond(A) * 1e-16."""
+
+
+CG_MIN_ITERATIONS = 24
 """Below this many iterations of budget "auto" solves directly without trying CG: CG on the lasso
-support systems has never reached the adjoint tolerance in fewer (measured: 15 to 24 iterations
-on the digits VARS-SD training problems, 59 to 124 at DeiT-Tiny shapes, 1e-6), so a shorter CG
-run is time spent before the direct solve that follows it anyway."""
+support systems has not reached the adjoint tolerance in fewer where measured (15 to 24
+iterations on the digits VARS-SD training problems, 59 to 124 at DeiT-Tiny shapes, 1e-6), so a
+shorter CG run is mostly time spent before the direct solve that follows it anyway. The digits
+training layers' budget is 16 to 18 iterations: at 16 "auto" took 2.45x the direct solve's time."""
 
 
 def _wide(*dtypes: torch.dtype) -> torch.dtype:
@@ -89,6 +114,7 @@ def support_solve(
     rhs: torch.Tensor,
     eta: torch.Tensor | float,
     ridge: float = 0.0,
+    complement: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Solve (eta_p G_p[S, S] + ridge I) u_S = rhs_S for every (problem p, column c), u = 0 off S.
 
@@ -108,6 +134,16 @@ def support_solve(
     (to its rounding) and solves A u_S = rhs_S exactly when rhs_S lies in A's range. Otherwise no
     exact solution exists and the returned residual says how far off u is.
 
+    Complement (``complement=True``): a column with more atoms on its support than off it
+    (2 |S| > M), in a problem whose whole A = eta_p G_p + ridge I is positive definite (a
+    float64 Cholesky with every pivot above :data:`COMPLEMENT_RCOND` max_i A_ii; it needs
+    N >= M tokens or a ridge), is solved through B = A^{-1} on its co-support F instead: the
+    system B_FF lam = -(B g~)_F of |F| = M - |S| unknowns, then u = B (g~ + E_F lam) (the Schur
+    complement; g~ is rhs on S, 0 off it). Same solution; s^3 / 3 becomes (M - s)^3 / 3 per
+    column, plus one float64 factorization and inverse of A per problem and three M x M products
+    per column. After a short forward most atoms are on (VARS-D at DeiT-Tiny shape after 30 FISTA
+    steps: 86 of 128 on average), and there it is 2 to 3 times faster. This path runs in float64.
+
     Compute runs in float32 or wider whatever the input dtype (bf16/fp16 in: float32); u comes
     back in ``rhs``'s dtype. A group's columns are solved in chunks whose gathered Gram fits
     :data:`GATHER_BUDGET_BYTES`. Host syncs: one for the groups (they set the shapes), one per
@@ -121,6 +157,8 @@ def support_solve(
         rhs: (P, M, C); entries off the support are ignored.
         eta: step, broadcastable to (P, 1, 1): a number or a tensor.
         ridge: >= 0, added to the support system's diagonal.
+        complement: allow the co-support solve above (False: every column by its own support
+            Gram, the plain path the tests compare it with).
 
     Returns:
         u (P, M, C) in ``rhs``'s dtype, and the relative residual ||A u_S - rhs_S|| / ||rhs_S||
@@ -148,25 +186,106 @@ def support_solve(
         rhs_rows = rhs.transpose(1, 2).reshape(P * C, M)
         u_rows = torch.zeros(P * C, M, dtype=wide, device=device)
         rel_rows = torch.zeros(P * C, dtype=wide, device=device)
-        padded = _padded_sizes(keep.sum(-1))
-        order = torch.argsort(padded, stable=True)
-        sizes, counts = torch.unique_consecutive(padded[order], return_counts=True)
         problem_of_row = torch.arange(P, device=device).repeat_interleave(C)
-        start = 0
-        for s, n in torch.stack([sizes, counts], 1).tolist() if padded.numel() else []:
-            group, start = order[start:start + n], start + n
-            if s == 0:  # empty supports: u = 0, residual 0
-                continue
-            chunk = max(1, GATHER_BUDGET_BYTES // (s * s * torch.finfo(wide).bits // 8))
-            for lo in range(0, n, chunk):
-                rows = group[lo:lo + chunk]
-                u_rows[rows], rel_rows[rows] = _solve_rows(
-                    gram, keep[rows], rhs_rows[rows], eta_p[problem_of_row[rows]], problem_of_row[rows],
-                    float(ridge), s, wide,
-                )
+        sizes = keep.sum(-1)
+        co = torch.zeros(P * C, dtype=torch.bool, device=device)
+        if complement and C > 0:
+            dense = _dense_columns(sizes, M)
+            # the co-support path costs a problem one float64 factorization and inverse and three
+            # M x M products per column: it pays only where most of the problem's columns are dense
+            probs = (dense.reshape(P, C).float().mean(-1) >= COMPLEMENT_MIN_FRACTION).nonzero()[:, 0]
+            if probs.numel():
+                inverse, ok = _full_inverse(gram if gram.shape[0] == 1 else gram[probs], eta_p[probs], float(ridge),
+                                            wide)
+                probs, inverse = probs[ok], inverse[ok]
+            if probs.numel():
+                rows = (probs[:, None] * C + torch.arange(C, device=device)).flatten()
+                co[rows] = dense[rows]
+                sub_gram = gram if gram.shape[0] == 1 else gram[probs]
+                picked = rows[dense[rows]]
+                u_rows[picked], rel_rows[picked] = _solve_complement(
+                    inverse, sub_gram, keep[rows], rhs_rows[rows], eta_p[probs], float(ridge), dense[rows], wide)
+        _solve_groups(gram, keep, rhs_rows, eta_p, problem_of_row, float(ridge), wide, (~co).nonzero()[:, 0], u_rows,
+                      rel_rows)
         u = u_rows.reshape(P, C, M).transpose(1, 2).contiguous().to(rhs.dtype)
         rel = rel_rows.reshape(P, C).amax(-1) if C > 0 else torch.zeros(P, dtype=wide, device=device)
     return u, rel
+
+
+def _solve_groups(gram, keep, rhs_rows, eta_p, problem_of_row, ridge, wide, rows, u_rows, rel_rows) -> None:
+    """The systems of ``rows`` on the support ``keep``, grouped by padded size and solved by
+    :func:`_solve_rows`, chunked to :data:`GATHER_BUDGET_BYTES`; written into u_rows, rel_rows."""
+    if rows.numel() == 0:
+        return
+    padded = _padded_sizes(keep[rows].sum(-1))
+    order = torch.argsort(padded, stable=True)
+    sizes, counts = torch.unique_consecutive(padded[order], return_counts=True)
+    start = 0
+    for s, n in torch.stack([sizes, counts], 1).tolist():
+        group, start = rows[order[start:start + n]], start + n
+        if s == 0:  # empty supports: u = 0, residual 0
+            continue
+        M = keep.shape[-1]
+        chunk = max(1, GATHER_BUDGET_BYTES // ((s * M + 2 * s * s) * torch.finfo(wide).bits // 8))
+        for lo in range(0, n, chunk):
+            part = group[lo:lo + chunk]
+            u_rows[part], rel_rows[part] = _solve_rows(
+                gram, keep[part], rhs_rows[part], eta_p[problem_of_row[part]], problem_of_row[part], ridge, s, wide,
+            )
+
+
+def _dense_columns(sizes: torch.Tensor, M: int) -> torch.Tensor:
+    """Columns the co-support path takes: fewer atoms off than COMPLEMENT_RATIO times those on."""
+    return (M - sizes) < COMPLEMENT_RATIO * sizes
+
+
+def _full_inverse(gram, eta_p, ridge, wide):
+    """B_q = (eta_q G_q + ridge I)^{-1} in float64 (Q, M, M) for Q = len(eta_p) problems (gram
+    (Q or 1, M, M)), and whether it is usable per problem: the Cholesky factorization succeeded with
+    every pivot above rcond * max_i A_ii, rcond the larger of COMPLEMENT_RCOND and the singularity
+    level of the input's own precision (a float32 Gram of rank r < M has float32-rounding
+    eigenvalues, not zeros, which float64 would invert)."""
+    M = gram.shape[-1]
+    rcond = max(COMPLEMENT_RCOND, RCOND_FACTOR * M * torch.finfo(wide).eps)
+    A = eta_p.to(torch.float64)[:, None, None] * gram.to(torch.float64)  # (Q, M, M), a shared Gram expanded
+    A.diagonal(dim1=-2, dim2=-1).add_(ridge)
+    L, info = torch.linalg.cholesky_ex(A)
+    pivots = L.diagonal(dim1=-2, dim2=-1).pow(2).amin(-1)
+    scale = A.diagonal(dim1=-2, dim2=-1).amax(-1)
+    ok = (info == 0) & (pivots > rcond * scale)
+    eye = torch.eye(M, dtype=L.dtype, device=L.device)
+    # contiguous: the co-support solves gather its rows (a strided LAPACK result would be copied per chunk)
+    return torch.cholesky_inverse(torch.where(ok[:, None, None], L, eye)).contiguous(), ok
+
+
+def _solve_complement(inverse, gram, keep, rhs_rows, eta_p, ridge, co, wide):
+    """The rows ``co`` of Q problems (keep, rhs_rows: their Q C rows, problem-major; inverse
+    (Q, M, M); gram (Q or 1, M, M); eta_p (Q,)) through B = A^{-1}, S the support and F the rest:
+
+        A u = g~ + E_F lam,  u_F = 0   =>   B_FF lam = -(B g~)_F,   u = B (g~ + E_F lam),
+
+    g~ = rhs on S, 0 on F; a system of |F| < |S| unknowns per column (:func:`_solve_rows` on
+    the co-support with B in place of the Gram), in float64. Returns u and the residual of the
+    support system itself, ||A_SS u_S - rhs_S|| / ||rhs_S||, for the rows co, in ``wide``."""
+    Q, M = inverse.shape[0], keep.shape[-1]
+    C = keep.shape[0] // Q
+    f64 = torch.float64
+    g = (rhs_rows.to(f64) * keep).reshape(Q, C, M).transpose(1, 2)  # (Q, M, C)
+    y = (inverse @ g).transpose(1, 2).reshape(Q * C, M)
+    lam = torch.zeros(Q * C, M, dtype=f64, device=g.device)
+    schur_rel = torch.zeros(Q * C, dtype=f64, device=g.device)
+    problem_of_row = torch.arange(Q, device=g.device).repeat_interleave(C)
+    rows = co.nonzero()[:, 0]
+    _solve_groups(inverse, ~keep, -y, torch.ones(Q, dtype=f64, device=g.device), problem_of_row, 0.0, f64, rows, lam,
+                  schur_rel)
+    lam = lam.reshape(Q, C, M).transpose(1, 2)
+    m = keep.to(f64).reshape(Q, C, M).transpose(1, 2)
+    u = (inverse @ (g + lam)) * m
+    A_u = eta_p.to(f64)[:, None, None] * (gram.to(f64) @ u) + ridge * u
+    r = ((A_u - g) * m).norm(dim=1).reshape(Q * C)[rows]
+    b = g.norm(dim=1).reshape(Q * C)[rows]
+    rel = torch.where(b > 0, r / torch.where(b > 0, b, 1.0), r)
+    return u.transpose(1, 2).reshape(Q * C, M)[rows].to(wide), rel.to(wide)
 
 
 def _padded_sizes(sizes: torch.Tensor) -> torch.Tensor:
@@ -177,10 +296,22 @@ def _padded_sizes(sizes: torch.Tensor) -> torch.Tensor:
     return torch.minimum(up, sizes.amax())
 
 
-def support_groups(mask: torch.Tensor) -> dict[int, int]:
-    """{padded support size: number of columns} of a (P, M, C) support mask, as :func:`support_solve`
-    groups its columns (empty supports, which cost nothing, left out). One host sync."""
-    padded = _padded_sizes((mask != 0).sum(-2).flatten())
+def support_groups(mask: torch.Tensor, complement: bool = False) -> dict[int, int]:
+    """{padded system size: number of columns} of a (P, M, C) support mask, as :func:`support_solve`
+    groups its columns (empty systems, which cost nothing, left out). ``complement``: count the
+    dense columns (:data:`COMPLEMENT_RATIO`) of problems that are mostly dense
+    (:data:`COMPLEMENT_MIN_FRACTION`) at their co-support size M - |S|, as support_solve solves
+    them where the whole A is positive definite (the caller says whether it can be: N >= M or a
+    ridge). One host sync."""
+    P, M, C = mask.shape
+    sizes = (mask != 0).sum(-2)  # (P, C)
+    if complement and C > 0:
+        dense = _dense_columns(sizes, M)
+        co = (dense & (dense.float().mean(-1, keepdim=True) >= COMPLEMENT_MIN_FRACTION)).flatten()
+        sizes = sizes.flatten()
+        padded = torch.cat([_padded_sizes(sizes[~co]), _padded_sizes(M - sizes[co])])
+    else:
+        padded = _padded_sizes(sizes.flatten())
     sizes, counts = torch.unique(padded, return_counts=True)
     return {s: n for s, n in torch.stack([sizes, counts], 1).tolist() if s > 0} if padded.numel() else {}
 
