@@ -134,15 +134,16 @@ def support_solve(
     (to its rounding) and solves A u_S = rhs_S exactly when rhs_S lies in A's range. Otherwise no
     exact solution exists and the returned residual says how far off u is.
 
-    Complement (``complement=True``): a column with more atoms on its support than off it
-    (2 |S| > M), in a problem whose whole A = eta_p G_p + ridge I is positive definite (a
+    Complement (``complement=True``): a dense column (M - |S| < :data:`COMPLEMENT_RATIO` |S|) of a
+    mostly dense problem (:data:`COMPLEMENT_MIN_FRACTION`) whose whole A = eta_p G_p + ridge I is positive definite (a
     float64 Cholesky with every pivot above :data:`COMPLEMENT_RCOND` max_i A_ii; it needs
     N >= M tokens or a ridge), is solved through B = A^{-1} on its co-support F instead: the
     system B_FF lam = -(B g~)_F of |F| = M - |S| unknowns, then u = B (g~ + E_F lam) (the Schur
     complement; g~ is rhs on S, 0 off it). Same solution; s^3 / 3 becomes (M - s)^3 / 3 per
     column, plus one float64 factorization and inverse of A per problem and three M x M products
     per column. After a short forward most atoms are on (VARS-D at DeiT-Tiny shape after 30 FISTA
-    steps: 86 of 128 on average), and there it is 2 to 3 times faster. This path runs in float64.
+    steps: 86 of 128 on average), and there the solve took 0.5-0.6x the time. This path runs in
+    float64; it adds one or two host syncs (which problems take it, and whether their A is definite).
 
     Compute runs in float32 or wider whatever the input dtype (bf16/fp16 in: float32); u comes
     back in ``rhs``'s dtype. A group's columns are solved in chunks whose gathered Gram fits
@@ -190,10 +191,8 @@ def support_solve(
         sizes = keep.sum(-1)
         co = torch.zeros(P * C, dtype=torch.bool, device=device)
         if complement and C > 0:
-            dense = _dense_columns(sizes, M)
-            # the co-support path costs a problem one float64 factorization and inverse and three
-            # M x M products per column: it pays only where most of the problem's columns are dense
-            probs = (dense.reshape(P, C).float().mean(-1) >= COMPLEMENT_MIN_FRACTION).nonzero()[:, 0]
+            dense = _complement_columns(sizes.reshape(P, C), M).flatten()
+            probs = dense.reshape(P, C).any(-1).nonzero()[:, 0]
             if probs.numel():
                 inverse, ok = _full_inverse(gram if gram.shape[0] == 1 else gram[probs], eta_p[probs], float(ridge),
                                             wide)
@@ -221,11 +220,11 @@ def _solve_groups(gram, keep, rhs_rows, eta_p, problem_of_row, ridge, wide, rows
     order = torch.argsort(padded, stable=True)
     sizes, counts = torch.unique_consecutive(padded[order], return_counts=True)
     start = 0
+    M = keep.shape[-1]
     for s, n in torch.stack([sizes, counts], 1).tolist():
         group, start = rows[order[start:start + n]], start + n
         if s == 0:  # empty supports: u = 0, residual 0
             continue
-        M = keep.shape[-1]
         chunk = max(1, GATHER_BUDGET_BYTES // ((s * M + 2 * s * s) * torch.finfo(wide).bits // 8))
         for lo in range(0, n, chunk):
             part = group[lo:lo + chunk]
@@ -234,9 +233,13 @@ def _solve_groups(gram, keep, rhs_rows, eta_p, problem_of_row, ridge, wide, rows
             )
 
 
-def _dense_columns(sizes: torch.Tensor, M: int) -> torch.Tensor:
-    """Columns the co-support path takes: fewer atoms off than COMPLEMENT_RATIO times those on."""
-    return (M - sizes) < COMPLEMENT_RATIO * sizes
+def _complement_columns(sizes: torch.Tensor, M: int) -> torch.Tensor:
+    """(P, C) support sizes -> the columns the co-support path takes (where A is positive definite):
+    dense ones, fewer atoms off than COMPLEMENT_RATIO times those on, in problems where at least
+    COMPLEMENT_MIN_FRACTION of the columns are dense (the float64 inverse and the M x M products
+    are paid per problem, so the path pays only there)."""
+    dense = (M - sizes) < COMPLEMENT_RATIO * sizes
+    return dense & (dense.float().mean(-1, keepdim=True) >= COMPLEMENT_MIN_FRACTION)
 
 
 def _full_inverse(gram, eta_p, ridge, wide):
@@ -306,8 +309,7 @@ def support_groups(mask: torch.Tensor, complement: bool = False) -> dict[int, in
     P, M, C = mask.shape
     sizes = (mask != 0).sum(-2)  # (P, C)
     if complement and C > 0:
-        dense = _dense_columns(sizes, M)
-        co = (dense & (dense.float().mean(-1, keepdim=True) >= COMPLEMENT_MIN_FRACTION)).flatten()
+        co = _complement_columns(sizes, M).flatten()
         sizes = sizes.flatten()
         padded = torch.cat([_padded_sizes(sizes[~co]), _padded_sizes(M - sizes[co])])
     else:
