@@ -325,14 +325,20 @@ def test_each_problem_stops_on_its_own(solver, dtype):
         assert float(rt[s - 1, p]) == float(sol.stats.residual[p])
 
 
+@pytest.mark.parametrize("compact", [0.0, None])
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("solver,extra", [("ista", 0), ("fista", 0), ("mfista", 1)])
-def test_stopped_problems_cost_no_more_products(solver, extra, fused, monkeypatch):
-    """Gram products touch only the problems still running: sum of batch rows = sum of steps
-    (+ one product per problem at the start of MFISTA, whose energies need G x_0), with the fused
-    no-grad step (its products counted where it forms them) and without it."""
-    from vars_deq import problems
-    D, x = _graded_problems()
+def test_stopped_problems_cost_no_more_products(solver, extra, fused, compact, monkeypatch):
+    """Dropping a stopped problem at once (COMPACT_FRACTION 0), Gram products touch only the
+    problems still running: sum of batch rows = sum of steps (+ one product per problem at the
+    start of MFISTA, whose energies need G x_0), with the fused no-grad step (its products counted
+    where it forms them) and without it. With the default fraction f, stopped rows stay below f of
+    the batch, so the products are at most sum of steps / (1 - f)."""
+    from vars_deq import equilibrium, problems
+    D, x = _graded_problems(conds=(0.0, 0.3, 0.6, 1.0, 1.3, 1.6, 2.0, 2.5))
+    if compact is not None:
+        monkeypatch.setattr(equilibrium, "COMPACT_FRACTION", compact)
+    fraction = equilibrium.COMPACT_FRACTION
     counter = []
     monkeypatch.setattr(problems, "STEP_MAP", fused)
     plain_pre_threshold = problems.StepMap.pre_threshold
@@ -346,7 +352,45 @@ def test_stopped_problems_cost_no_more_products(solver, extra, fused, monkeypatc
     prob = vd.SparseCoding(op, x, 0.05)
     sol = vd.solve(prob, solver, max_steps=5000, tol=1e-8)
     assert bool(sol.converged.all())
-    assert sum(counter) == int(sol.stats.steps.sum()) + extra * prob.num_problems
+    assert len(set(sol.stats.steps.tolist())) >= 4  # problems stop at several steps, not all at once
+    own = int(sol.stats.steps.sum()) + extra * prob.num_problems
+    assert sol.stats.rows_iterated == sum(counter) - extra * prob.num_problems  # the stat counts them too
+    if fraction == 0:
+        assert sum(counter) == own
+    else:
+        assert own <= sum(counter) <= int(sol.stats.steps.sum()) / (1 - fraction) + extra * prob.num_problems
+
+
+@given(case=lasso_cases(max_log10_cond=2.5, batches=((6,), (3, 3))), solver=st.sampled_from(SOLVER_NAMES),
+       fraction=st.sampled_from([0.25, 0.5, 1.0]))
+def test_when_stopped_problems_leave_the_batch_changes_nothing(case, solver, fraction):
+    """Per-problem stopping records each problem at the step it stops; when it leaves the batch
+    (at once: COMPACT_FRACTION 0; with others: 0.25, 0.5; never: 1) changes no output, step count,
+    residual or trace, since the problems are separable (to rounding: a batched matmul of other
+    rows may round differently)."""
+    from vars_deq import equilibrium
+
+    if case.dtype == torch.float32 and solver not in ("ista", "fista"):  # branching solvers: see above
+        solver = "fista" if "fista" in solver else "ista"
+    prob = case.problem()
+    runs = []
+    for f in (0.0, fraction):
+        old = equilibrium.COMPACT_FRACTION
+        equilibrium.COMPACT_FRACTION = f
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", vd.ConvergenceWarning)  # capped problems compare too
+                runs.append(vd.solve(prob, solver, max_steps=300, tol=1e-6 if case.dtype == torch.float64 else 1e-4,
+                                     trace=True))
+        finally:
+            equilibrium.COMPACT_FRACTION = old
+    a, b = runs
+    tol = dict(rtol=1e-9, atol=1e-12) if case.dtype == torch.float64 else dict(rtol=1e-4, atol=1e-6)
+    assert torch.equal(a.stats.steps, b.stats.steps) and torch.equal(a.converged, b.converged)
+    torch.testing.assert_close(b.z, a.z, **tol)
+    torch.testing.assert_close(b.stats.residual, a.stats.residual, **tol)
+    torch.testing.assert_close(b.stats.residual_trace, a.stats.residual_trace, equal_nan=True, **tol)
+    assert torch.equal(torch.isnan(a.stats.energy_trace), torch.isnan(b.stats.energy_trace))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

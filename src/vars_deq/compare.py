@@ -225,7 +225,11 @@ def per_problem_work(problems: SparseCoding, solver: str = "anderson", tol: floa
         for mode, flag in (("per_problem", True), ("whole_batch", False)):
             sol, seconds = _timed_solve(problems, solver, tol, max_steps, per_problem=flag)
             steps = sol.stats.steps
-            work = int(steps.sum()) if flag else int(steps.max()) * steps.numel()
+            # per problem: the rows the loop really iterated (stopped problems leave the batch in groups)
+            if not flag:
+                work = int(steps.max()) * steps.numel()
+            else:
+                work = int(steps.sum()) if sol.stats.rows_iterated is None else sol.stats.rows_iterated
             out[mode] = {"products": work, "seconds": seconds, "converged_fraction": sol.converged.float().mean().item()}
     out["work_ratio"] = out["per_problem"]["products"] / out["whole_batch"]["products"]
     out["time_ratio"] = out["per_problem"]["seconds"] / out["whole_batch"]["seconds"]
