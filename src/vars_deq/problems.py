@@ -168,7 +168,7 @@ class StepMap(NamedTuple):
     def pre_threshold(self, z: torch.Tensor) -> torch.Tensor:
         if self.atoms is None:
             return torch.baddbmm(self.c, self.left, z)
-        return torch.baddbmm(z + self.c, self.left, self.atoms @ z)
+        return (z + self.c).baddbmm_(self.left, self.atoms @ z)  # in place: baddbmm would copy z + c
 
     def take(self, pick) -> "StepMap":
         return StepMap(pick(self.left), None if self.atoms is None else pick(self.atoms), pick(self.c), pick(self.t))

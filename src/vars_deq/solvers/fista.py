@@ -20,6 +20,7 @@ products in its state, is the faster one.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -33,7 +34,7 @@ class FISTAState(NamedTuple):
     """x: the iterate, xp: the previous one, u = T(y) of the last step; g*: their Gram products
     G x, G xp, G u (P, M, C); t: the momentum (P, 1, 1); ex: E(x), only where monotone or
     function restart need it (else None). Plain FISTA keeps only x, xp and t (u = x, and it forms
-    G y itself): the other fields are None."""
+    G y itself): the other fields are None, and t, the same for every problem, is a float."""
 
     x: torch.Tensor
     gx: torch.Tensor
@@ -64,21 +65,22 @@ class FISTA(StepSolver):
 
     def init(self, problem, z0):
         # t = 0 makes the first step plain (y_1 = x_0) and sets t_1 = 1, as in Beck & Teboulle
+        if self.plain:  # every problem follows the same t sequence: a Python number, no tensor work
+            return FISTAState(z0, None, z0, None, None, None, 0.0, None)
         t = torch.zeros(z0.shape[0], 1, 1, dtype=z0.dtype, device=z0.device)
-        if self.plain:
-            return FISTAState(z0, None, z0, None, None, None, t, None)
         gz = problem.normal(z0)
         needs_energy = self.monotone or self.restart == "function"
         return FISTAState(z0, gz, z0, gz, z0, gz, t, problem.energy_from(z0, gz) if needs_energy else None)
 
     def step(self, problem, state, may_sync=False):
         x, gx, xp, gxp, u, gu, t = state.x, state.gx, state.xp, state.gxp, state.u, state.gu, state.t
-        t_new = 0.5 * (1 + torch.sqrt(1 + 4 * t * t))
-        c = (t - 1) / t_new
         if self.plain:
-            y = torch.lerp(xp, x, 1 + c)  # x + c (x - xp) in one pass over the codes
+            t_new = 0.5 * (1 + math.sqrt(1 + 4 * t * t))
+            y = torch.lerp(xp, x, 1 + (t - 1) / t_new)  # x + c (x - xp) in one pass over the codes
             u_new = problem.T(y)
             return FISTAState(u_new, None, x, None, None, None, t_new, None), y, u_new
+        t_new = 0.5 * (1 + torch.sqrt(1 + 4 * t * t))
+        c = (t - 1) / t_new
         a = t / t_new
         y = x + a * (u - x) + c * (x - xp)
         gy = gx + a * (gu - gx) + c * (gx - gxp)
