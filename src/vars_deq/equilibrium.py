@@ -1,9 +1,10 @@
 """The one loop: runs any solver on a batch of problems with per-problem convergence.
 
 Each problem stops on its own when its relative residual ||T(z) - z|| / max(||z||, eps) falls
-below ``tol``. Sparse-coding problems are separable, so stopped problems are dropped from the
-batch and cost nothing more; a generic map is applied to the whole batch, and stopped problems
-only keep their output. With ``tol=None`` the loop runs exactly ``max_steps`` steps with no host
+below ``tol``. Sparse-coding problems are separable, so a stopped problem's output is kept at
+its stopping step and it leaves the batch with the next group of stopped ones (at most a quarter
+of the rows iterate unread, :data:`COMPACT_FRACTION`); a generic map is applied to the whole
+batch, and stopped problems only keep their output. With ``tol=None`` the loop runs exactly ``max_steps`` steps with no host
 synchronisation (no ``.item()``, no data-dependent shapes), so torch.compile and CUDA graphs can
 take it.
 """
@@ -28,9 +29,9 @@ __all__ = ["solve", "Solution", "SolveStats", "ConvergenceWarning"]
 #: fixed-step runs (tol=None) report a problem as converged when its residual is below this
 REPORT_TOL = 1e-4
 #: per-problem stopping drops stopped problems from the batch once they are this fraction of it: each
-#: drop re-indexes the solver state and the problems (a dozen small copies), so dropping them one
-#: step at a time cost the captured digits problems (128, 36 distinct stopping steps) a third of
-#: their solve; until dropped, a stopped problem iterates on unread
+#: drop re-indexes the solver state and the problems (a dozen small copies). On the captured digits
+#: layers (128 problems stopping at 23-24 distinct steps, FISTA to 1e-3) dropping them in groups
+#: took 0.64-0.84x the time of dropping at every stop, for 2% more rows iterated (unread until dropped)
 COMPACT_FRACTION = 0.25
 #: "encode": D^T x (the paper's text); "thresholded_encode": S_lam(D^T x) with the full lam (the
 #: original VARS code's start point); "zeros"
