@@ -4,9 +4,9 @@ Each problem stops on its own when its relative residual ||T(z) - z|| / max(||z|
 below ``tol``. Sparse-coding problems are separable, so a stopped problem's output is kept at
 its stopping step and it leaves the batch with the next group of stopped ones (at most a quarter
 of the rows iterate unread, :data:`COMPACT_FRACTION`); a generic map is applied to the whole
-batch, and stopped problems only keep their output. With ``tol=None`` the loop runs exactly ``max_steps`` steps with no host
-synchronisation (no ``.item()``, no data-dependent shapes), so torch.compile and CUDA graphs can
-take it.
+batch, and stopped problems only keep their output. With ``tol=None`` the loop runs exactly
+``max_steps`` steps with no host synchronisation (no ``.item()``, no data-dependent shapes), so
+torch.compile and CUDA graphs can take it.
 """
 
 from __future__ import annotations

@@ -17,8 +17,8 @@ def soft_threshold(u: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
     Where autograd records, the textbook form (its backward is a few cheap masks); elsewhere, in
     the solvers' no-grad loops, u - clamp(u, -t, t) (for a tensor t >= 0 as u - max(min(u, t), -t)):
     equal bit for bit (u - t and -(|u| - t) round alike, and u - u = 0), reading and writing the
-    codes two or three times instead of five, which
-    matters where an elementwise pass costs as much as the Gram product (VARS-sized problems).
+    codes two or three times instead of five, which matters where an elementwise pass costs as
+    much as the Gram product (VARS-sized problems).
     tests/test_fast_paths.py checks the two forms' values and gradients against each other."""
     if torch.is_grad_enabled() and (u.requires_grad or (isinstance(t, torch.Tensor) and t.requires_grad)):
         return _soft_threshold_textbook(u, t)
