@@ -168,6 +168,8 @@ class StepMap(NamedTuple):
     def pre_threshold(self, z: torch.Tensor) -> torch.Tensor:
         if self.atoms is None:
             return torch.baddbmm(self.c, self.left, z)
+        if torch.is_autocast_enabled(z.device.type):  # autocast casts baddbmm's inputs, not baddbmm_'s
+            return torch.baddbmm(z + self.c, self.left, self.atoms @ z)
         return (z + self.c).baddbmm_(self.left, self.atoms @ z)  # in place: baddbmm would copy z + c
 
     def take(self, pick) -> "StepMap":
