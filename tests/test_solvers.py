@@ -361,17 +361,19 @@ def test_stopped_problems_cost_no_more_products(solver, extra, fused, compact, m
         assert own <= sum(counter) <= int(sol.stats.steps.sum()) / (1 - fraction) + extra * prob.num_problems
 
 
-@given(case=lasso_cases(max_log10_cond=2.5, batches=((6,), (3, 3))), solver=st.sampled_from(SOLVER_NAMES),
-       fraction=st.sampled_from([0.25, 0.5, 1.0]))
+@given(case=lasso_cases(dtypes=(torch.float64,), max_log10_cond=2.5, batches=((6,), (3, 3))),
+       solver=st.sampled_from(["ista", "fista"]), fraction=st.sampled_from([0.25, 0.5, 1.0]))
 def test_when_stopped_problems_leave_the_batch_changes_nothing(case, solver, fraction):
     """Per-problem stopping records each problem at the step it stops; when it leaves the batch
     (at once: COMPACT_FRACTION 0; with others: 0.25, 0.5; never: 1) changes no output, step count,
     residual or trace, since the problems are separable (to rounding: a batched matmul of other
-    rows may round differently)."""
+    rows may round differently, and the iterates carry that; in float64, so that it stays far
+    below the stopping decisions: float32 can move a residual across tol). ISTA and FISTA are
+    continuous in the iterate; the solvers with discrete decisions (restarts, the monotone choice,
+    Anderson's safeguards and mixing) can branch apart on such rounding, as in
+    test_batched_solve_equals_per_problem_solves, and leave the batch through the same code."""
     from vars_deq import equilibrium
 
-    if case.dtype == torch.float32 and solver not in ("ista", "fista"):  # branching solvers: see above
-        solver = "fista" if "fista" in solver else "ista"
     prob = case.problem()
     runs = []
     for f in (0.0, fraction):
@@ -380,16 +382,15 @@ def test_when_stopped_problems_leave_the_batch_changes_nothing(case, solver, fra
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", vd.ConvergenceWarning)  # capped problems compare too
-                runs.append(vd.solve(prob, solver, max_steps=300, tol=1e-6 if case.dtype == torch.float64 else 1e-4,
-                                     trace=True))
+                runs.append(vd.solve(prob, solver, max_steps=300, tol=1e-6, trace=True))
         finally:
             equilibrium.COMPACT_FRACTION = old
     a, b = runs
-    tol = dict(rtol=1e-9, atol=1e-12) if case.dtype == torch.float64 else dict(rtol=1e-4, atol=1e-6)
     assert torch.equal(a.stats.steps, b.stats.steps) and torch.equal(a.converged, b.converged)
-    torch.testing.assert_close(b.z, a.z, **tol)
-    torch.testing.assert_close(b.stats.residual, a.stats.residual, **tol)
-    torch.testing.assert_close(b.stats.residual_trace, a.stats.residual_trace, equal_nan=True, **tol)
+    torch.testing.assert_close(b.z, a.z, rtol=1e-9, atol=1e-12)
+    # residuals are differences of O(||z||) iterates: their rounding is absolute, ~1e-12 here
+    torch.testing.assert_close(b.stats.residual, a.stats.residual, rtol=0, atol=1e-10)
+    torch.testing.assert_close(b.stats.residual_trace, a.stats.residual_trace, equal_nan=True, rtol=0, atol=1e-10)
     assert torch.equal(torch.isnan(a.stats.energy_trace), torch.isnan(b.stats.energy_trace))
 
 
