@@ -131,7 +131,7 @@ def test_memory_cap_skips_a_layer_with_a_warning_and_state_round_trips():
 
 def test_trainer_with_a_warm_start_resumes_exactly(tmp_path, monkeypatch):
     """A DEQ run (implicit, FISTA to 1e-3) killed mid-epoch 2 and resumed from its checkpoint,
-    caches included, ends with the weights, codes and test metrics of the uninterrupted run; epoch 1
+    cache included, ends with the weights, codes and test metrics of the uninterrupted run; epoch 1
     starts cold, epoch 2 warm."""
     import json
 
@@ -168,11 +168,6 @@ def test_trainer_with_a_warm_start_resumes_exactly(tmp_path, monkeypatch):
         torch.testing.assert_close(final["model"][k], v, rtol=1e-5, atol=1e-6, msg=k)
     for name, codes in reference["warm_start"]["codes"].items():
         torch.testing.assert_close(final["warm_start"]["codes"][name], codes, rtol=1e-4, atol=1e-5, msg=name)
-    # the evaluation keeps its own cache of every test sample, carried across the resume as well
-    evaluated = reference["warm_start_eval"]
-    assert evaluated["filled"] and all(bool(f.all()) for f in evaluated["filled"].values())
-    for name, codes in evaluated["codes"].items():
-        torch.testing.assert_close(final["warm_start_eval"]["codes"][name], codes, rtol=1e-4, atol=1e-5, msg=name)
     resumed_metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     for a, b in zip(resumed_metrics, metrics, strict=True):
         assert a["test_acc"] == b["test_acc"] and a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-5)

@@ -86,9 +86,10 @@ class TrainConfig:
     ``layer_options`` holds only the VARS layer options the user gave (backward, solver,
     max_steps, tol, lam); the model's own defaults stand for the rest. ``warm_start`` (opt-in): VARS
     layers that solve to a tol (the DEQ presets) start each training sample from its equilibrium of
-    its previous visit (:class:`vars_deq.WarmStart`, saved in the checkpoints), and each test sample
-    from its equilibrium of the previous evaluation; fixed-step layers and DDP runs (whose ranks see
-    different samples each epoch) always start cold.
+    its previous visit (:class:`vars_deq.WarmStart`, saved in the checkpoints); fixed-step layers, the
+    evaluation and DDP runs (whose ranks see different samples each epoch) always start cold: the
+    equilibrium a solve to tol reaches still depends on its start (README, implicit training), and
+    a test accuracy must be a function of the weights alone.
     ``shift``: each training image is translated by a random offset of up to that many pixels
     (:func:`vars_deq.data.random_shift`, drawn from the global RNG the checkpoints carry; 0: none).
     ``checkpoint_every`` adds mid-epoch checkpoints every N optimizer steps (0: only at epoch
@@ -288,12 +289,9 @@ class _Trainer:
         # solver steps, such steps, their mean converged fraction, steps that warned of no convergence;
         # then per VARS layer: its steps, its largest residual, its converged fraction
         self.accum = torch.zeros(_ACCUM_HEAD + 3 * len(self.vars_layers), dtype=torch.float64)
-        # warm starts: one cache for the training samples, one for the test samples (the evaluation
-        # solves to the same tol, so it reaches the same equilibria from its previous epoch's codes)
-        self.warm = self.warm_eval = None
+        self.warm = None
         if cfg.warm_start and not info.distributed and any(m.tol is not None for m in self.vars_layers):
             self.warm = WarmStart(model, len(self.data.train))
-            self.warm_eval = WarmStart(model, len(self.data.test))
         if ckpt is not None:
             self._restore(ckpt, str(src))
 
@@ -332,8 +330,6 @@ class _Trainer:
         if self.warm is not None and ckpt.get("warm_start") is not None:
             self.warm.load_state_dict(ckpt["warm_start"])
             self.warm.warm, self.warm.total = ckpt["warm_start"].get("counts", (0, 0))
-        if self.warm_eval is not None and ckpt.get("warm_start_eval") is not None:
-            self.warm_eval.load_state_dict(ckpt["warm_start_eval"])
         rngs = ckpt.get("rng") or []
         if self.info.rank < len(rngs):
             set_rng_state(rngs[self.info.rank])
@@ -528,11 +524,9 @@ class _Trainer:
         loader = DataLoader(test, batch_size=self.cfg.eval_batch_size, sampler=idx, num_workers=self.cfg.workers)
         self.model.eval()
         sums = torch.zeros(3, dtype=torch.float64, device=self.device)
-        bs = self.cfg.eval_batch_size
-        for i, (x, y) in enumerate(loader):
+        for x, y in loader:
             x, y = x.to(self.device), y.to(self.device)
-            warm = self.warm_eval.use(idx[i * bs:(i + 1) * bs]) if self.warm_eval is not None else contextlib.nullcontext()
-            with self._autocast(), warm:
+            with self._autocast():
                 logits = self.model(x)
             sums[0] += F.cross_entropy(logits.float(), y, reduction="sum").double()
             sums[1] += (logits.argmax(-1) == y).sum()
@@ -570,7 +564,6 @@ class _Trainer:
             "config": asdict(self.cfg),
             "warm_start": None if self.warm is None else {**self.warm.state_dict(),
                                                           "counts": (self.warm.warm, self.warm.total)},
-            "warm_start_eval": None if self.warm_eval is None else self.warm_eval.state_dict(),
         })
 
     def _write_metrics(self) -> None:
