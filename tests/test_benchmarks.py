@@ -48,7 +48,7 @@ def quick_results(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     out = tmp_path_factory.mktemp("bench")
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run([sys.executable, str(BENCH / "run.py"), "--quick", "--device", "cpu", "--threads", "1",
+    proc = subprocess.run([sys.executable, str(BENCH / "run.py"), "--quick", "--jobs", "2", "--device", "cpu", "--threads", "1",
                            "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     return out, proc
 
@@ -255,3 +255,9 @@ def test_peak_rss_sees_a_short_lived_allocation_with_or_without_a_resettable_hig
         del block
     assert ("sampled" in rss.source) != resettable
     assert size_mib * 0.9 <= rss.delta_mib < size_mib * 2, rss.delta_mib
+
+
+def test_parallel_jobs_are_refused_for_timed_runs():
+    proc = subprocess.run([sys.executable, str(BENCH / "run.py"), "--jobs", "2", "--only", "flops"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "--jobs > 1 needs --quick" in proc.stderr, proc.stderr
