@@ -15,8 +15,10 @@ their co-support size where N >= M)
 
 (non-negative) gives ``DIRECT_COST`` = (a_d, b_d) and ``CG_ITERATION_COST`` = (a_cg, b_cg) in
 vars_deq/direct_adjoint.py, from which "auto" gives CG as many iterations as the direct solve
-would take (``cg_budget``) before it solves what CG left directly. The JSON records the fit, the
-library's constants, what "auto" ran and its time against the faster of the two.
+would take (``cg_budget``) before it solves what CG left directly, where that budget covers the
+iterations CG can be expected to need (``cg_worth_trying``: twice the largest support). The JSON
+records the fit, the library's constants, each shape's budget, largest support and CG iterations,
+what "auto" ran and its time against the faster of the two.
 
     python benchmarks/bench_adjoint_cost.py --device cpu --threads 1
     python benchmarks/bench_adjoint_cost.py --quick
@@ -39,7 +41,7 @@ import common  # noqa: E402
 
 import vars_deq as vd  # noqa: E402
 from vars_deq.direct_adjoint import (  # noqa: E402
-    CG_ITERATION_COST, DIRECT_COST, cg_budget, cg_flops, direct_flops, support_groups)
+    CG_ITERATION_COST, DIRECT_COST, cg_budget, cg_flops, cg_worth_trying, direct_flops, support_groups)
 
 LAM = 0.3
 #: name -> (problems P, tokens N, atoms M, code columns C, query dim d)
@@ -65,15 +67,16 @@ def problem(shape, device, seed=0):
     return atoms, v, w
 
 
-def backward_once(atoms, v, w, adjoint: str, device) -> tuple[float, Any, dict[int, int]]:
+def backward_once(atoms, v, w, adjoint: str, device) -> tuple[float, Any, dict[int, int], int]:
     z, sol = vd.sparse_code(vd.SparseCoding(atoms, v, LAM), solver="fista", max_steps=2000, tol=1e-4,
                             backward=vd.Implicit(adjoint=adjoint, max_steps=2000), return_solution=True)
     # the systems the direct solve factorizes: dense columns on their co-support where N >= M
-    support = support_groups(z.detach().flatten(0, 1) != 0, complement=v.shape[-2] >= z.shape[-2])
+    mask = z.detach().flatten(0, 1) != 0
+    support = support_groups(mask, complement=v.shape[-2] >= z.shape[-2])
     loss = (z * w).sum()
     v.grad = None
     _, t = common.timed(lambda: loss.backward(), device)
-    return t, sol.stats.adjoint, support
+    return t, sol.stats.adjoint, support, int(mask.sum(-2).max())
 
 
 def measure(name: str, shape, args, device) -> dict[str, Any]:
@@ -83,20 +86,21 @@ def measure(name: str, shape, args, device) -> dict[str, Any]:
     info = {}
     for r in range(args.repeats + 1):
         for adjoint in ADJOINTS:  # interleaved
-            t, stats, support = backward_once(atoms, v, w, adjoint, device)
+            t, stats, support, largest = backward_once(atoms, v, w, adjoint, device)
             if r:  # the first round warms up
                 times[adjoint].append(t)
             info[adjoint] = {"method": stats.method, "steps_max": int(stats.steps.max()),
                              "converged": bool(stats.converged.all())}
     med = {a: common.median(ts) for a, ts in times.items()}
     iterations = info["cg"]["steps_max"]
-    return {"shape": {"P": P, "N": N, "M": M, "C": C}, "s_max": max(support, default=0),
+    budget = cg_budget(P, C, M, support)
+    return {"shape": {"P": P, "N": N, "M": M, "C": C}, "s_max": max(support, default=0), "largest_support": largest,
             "support_groups": {str(s): n for s, n in support.items()}, "median_backward_s": med, "runs": info,
             "direct_flops": direct_flops(M, support), "direct_calls": max(1, len(support)),
             "cg_flops_per_iteration": cg_flops(P, C, M, 1),
             "cg_s_per_iteration": med["cg"] / iterations,
             "break_even_cg_iterations": med["direct"] / (med["cg"] / iterations),
-            "library_cg_budget": cg_budget(P, C, M, support),
+            "library_cg_budget": budget, "cg_tried_by_auto": cg_worth_trying(budget, largest),
             "faster": min(("direct", "cg"), key=lambda a: med[a]),
             "auto_over_faster": med["auto"] / min(med["direct"], med["cg"])}
 
@@ -160,7 +164,8 @@ def main(argv=None) -> int:
         print(f"  {name:34s} s_max {r['s_max']:4d}  direct {1e3 * med['direct']:8.1f} ms  cg {1e3 * med['cg']:8.1f} ms "
               f"({r['runs']['cg']['steps_max']} it)  auto {1e3 * med['auto']:8.1f} ms ({r['runs']['auto']['method']}, "
               f"{r['auto_over_faster']:.2f}x the faster)  break-even {r['break_even_cg_iterations']:.0f} it "
-              f"(library budget {r['library_cg_budget']})", flush=True)
+              f"(library budget {r['library_cg_budget']}, largest support {r['largest_support']}, CG tried: "
+              f"{r['cg_tried_by_auto']})", flush=True)
     rows = list(results.values())
     fitted = {"DIRECT_COST": fit([r["direct_flops"] for r in rows], [r["median_backward_s"]["direct"] for r in rows],
                                  [r["direct_calls"] for r in rows]),

@@ -5,8 +5,9 @@ Lasso problems z* = argmin 1/2 ||v - D(q) z||^2 + lam ||z||_1 with a PerformerDi
 values requiring grad, a forward of K fixed steps (tol=None), loss <w, z> with a fixed cotangent w:
 ``vd.sparse_code(prob, solver, backward=..., max_steps=K, tol=None)``. The backward is an object:
 ``vd.Unroll()``, ``vd.Phantom(steps, tau)``, or ``vd.Implicit(adjoint=..., tol=1e-6)`` with adjoint
-"direct" (batched Cholesky on the support), "auto" (CG within the direct solve's predicted time,
-then direct for what it left) or "cg" (conjugate gradient on the support).
+"direct" (batched Cholesky on the support), "auto" (the direct solve, or CG first where the direct
+solve's predicted time covers the iterations CG needs, then direct for what it left) or "cg"
+(conjugate gradient on the support).
 
 1. Interleaved comparison (the performance targets of issue 11): for K in {--time-steps (30),
    --total-steps (200)}, unroll and implicit with each of --compare-adjoints (direct, auto, cg),

@@ -308,15 +308,16 @@ def test_direct_and_auto_adjoints_match_cg_and_say_which_ran(adjoint):
     assert bool(sol.stats.adjoint.converged.all())
 
 
-@pytest.mark.parametrize("budget, min_iterations, method", [(1, 1, "cg+direct"), (10_000, None, "cg"), (1, None, "direct")])
-def test_auto_adjoint_solves_directly_what_cg_leaves_within_its_budget(budget, min_iterations, method, monkeypatch):
+@pytest.mark.parametrize("budget, per_atom, method", [(1, 0.0, "cg+direct"), (10_000, None, "cg"), (1, None, "direct")])
+def test_auto_adjoint_solves_directly_what_cg_leaves_within_its_budget(budget, per_atom, method, monkeypatch):
     """"auto" = CG for cg_budget iterations, then the direct solve for the problems not converged;
-    the direct solve alone where the budget is below CG_MIN_ITERATIONS (24: a budget of 1 is)."""
-    from vars_deq import backward
+    the direct solve alone where the budget is below CG_ITERATIONS_PER_ATOM (2) iterations per atom
+    of the largest support (a budget of 1 is; with 0 per atom CG is always tried)."""
+    from vars_deq import backward, direct_adjoint
 
     monkeypatch.setattr(backward, "cg_budget", lambda *counts: budget)
-    if min_iterations is not None:
-        monkeypatch.setattr(backward, "CG_MIN_ITERATIONS", min_iterations)
+    if per_atom is not None:
+        monkeypatch.setattr(direct_adjoint, "CG_ITERATIONS_PER_ATOM", per_atom)
     D, x, lam = lasso_data(12)
     w = torch.randn(2, 6, 2, generator=torch.Generator().manual_seed(5), dtype=F64)
     ref = grads(D, x, lam, "implicit", w, adjoint="cg", adjoint_tol=1e-13, adjoint_max_steps=1000)

@@ -3,7 +3,9 @@ singular fallback, dtypes and chunking, the lasso implicit gradient it gives, an
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,9 +16,11 @@ import vars_deq as vd
 from vars_deq import direct_adjoint
 from vars_deq.direct_adjoint import (
     CG_ITERATION_COST,
+    CG_ITERATIONS_PER_ATOM,
     DIRECT_COST,
     cg_flops,
     cg_budget,
+    cg_worth_trying,
     direct_flops,
     support_groups,
     support_solve,
@@ -457,6 +461,26 @@ def test_cg_budget_on_vars_shaped_problems():
     assert cg_budget(24, 64, 128, groups) == expected
 
 
+@given(budget=st.integers(0, 10_000), support=st.integers(0, 2_000), more=st.integers(0, 100))
+def test_cg_is_tried_only_where_its_budget_covers_the_iterations_it_needs(budget, support, more):
+    """CG is tried where the budget reaches CG_ITERATIONS_PER_ATOM per atom of the largest support
+    and not below: more budget or a smaller support never turns it off."""
+    tried = cg_worth_trying(budget, support)
+    assert tried == (budget >= CG_ITERATIONS_PER_ATOM * support)
+    if tried:
+        assert cg_worth_trying(budget + more, support) and cg_worth_trying(budget, max(0, support - more))
+
+
+def test_auto_goes_straight_to_the_direct_solve_where_it_was_measured_faster():
+    """On each shape of the committed bench_adjoint_cost.py run (CPU) where the direct solve was the
+    faster adjoint, the library's budget and that shape's largest support skip CG."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "cpu" / "adjoint_cost.json"
+    rows = json.loads(path.read_text())["results"].values()
+    direct_faster = [(r["library_cg_budget"], r["largest_support"]) for r in rows if r["faster"] == "direct"]
+    assert direct_faster, "the committed run has no shape where the direct solve was faster"
+    assert not any(cg_worth_trying(budget, largest) for budget, largest in direct_faster)
+
+
 @pytest.mark.parametrize(
     "call",
     [
@@ -470,6 +494,8 @@ def test_cg_budget_on_vars_shaped_problems():
         lambda: cg_budget(1, 1, 4, {2: 1}, cg_iteration_cost=(0.0, 0.0)),
         lambda: cg_budget(1, 1, 4, {2: 1}, direct_cost=(-1.0, 1.0)),
         lambda: cg_budget(1, 1, 4, {5: 1}),
+        lambda: cg_worth_trying(-1, 3),
+        lambda: cg_worth_trying(10, 2.5),
     ],
 )
 def test_cost_model_rejects_bad_counts(call):

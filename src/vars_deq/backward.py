@@ -45,7 +45,7 @@ from .equilibrium import (
     solve_quietly,
 )
 from .problems import LassoBatch, SparseCoding
-from .direct_adjoint import CG_MIN_ITERATIONS, cg_budget, support_groups, support_solve
+from .direct_adjoint import cg_budget, cg_worth_trying, support_groups, support_solve
 from .prox import active_mask
 from .solvers import ISTA, Anderson, LoopSolver, Solver, make_solver
 
@@ -93,8 +93,9 @@ class Implicit(Backward):
     Args:
         adjoint: "auto" (default: for lasso problems CG for as many iterations as the direct solve
             would take in time, :func:`~vars_deq.direct_adjoint.cg_budget`, then the direct solve
-            for the problems CG left, or the direct solve alone where that budget is below
-            ``CG_MIN_ITERATIONS``; "anderson" for generic maps),
+            for the problems CG left, or the direct solve alone where that budget is shorter than
+            the iterations CG can be expected to need,
+            :func:`~vars_deq.direct_adjoint.cg_worth_trying`; "anderson" for generic maps),
             "direct" (batched Cholesky of each code column's support Gram, exact to rounding),
             "cg" on the lasso's active set (the same support system), "fixed_point" or "anderson" on
             u = g + J^T u.
@@ -343,7 +344,8 @@ def _lasso_adjoint(flat: LassoBatch, zs, g, method, tol, max_steps, ridge=0.0):
     for as many iterations as the direct solve would take in time
     (:func:`vars_deq.direct_adjoint.cg_budget`), then solves directly the problems CG left
     unconverged ("cg+direct"; "cg" when none): at most about twice the faster of the two. Where
-    that budget is below ``CG_MIN_ITERATIONS`` it solves directly at once ("direct").
+    that budget is shorter than CG can be expected to need (twice the largest support,
+    :func:`vars_deq.direct_adjoint.cg_worth_trying`) it solves directly at once ("direct").
     """
     out_dtype = g.dtype
     wide = torch.float32 if g.dtype in (torch.float16, torch.bfloat16) or flat.b.dtype in (
@@ -361,7 +363,7 @@ def _lasso_adjoint(flat: LassoBatch, zs, g, method, tol, max_steps, ridge=0.0):
             # the direct solve takes dense columns on their co-support where A can be positive definite
             complement = ridge > 0 or op.num_tokens >= M
             budget = min(max_steps, cg_budget(P, C, M, support_groups(mask, complement)))  # the backward may sync
-            if budget < CG_MIN_ITERATIONS:  # too few for CG to converge: straight to the direct solve
+            if not cg_worth_trying(budget, int(mask.sum(-2).amax()) if mask.numel() else 0):
                 method = "direct"
         if method == "direct":
             u, rel = support_solve(_gram(op), mask, g, eta, ridge)

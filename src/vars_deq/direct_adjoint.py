@@ -33,7 +33,8 @@ __all__ = [
     "RCOND_FACTOR",
     "DIRECT_COST",
     "CG_ITERATION_COST",
-    "CG_MIN_ITERATIONS",
+    "CG_ITERATIONS_PER_ATOM",
+    "cg_worth_trying",
     "COMPLEMENT_RCOND",
     "COMPLEMENT_RATIO",
     "COMPLEMENT_MIN_FRACTION",
@@ -93,12 +94,26 @@ the input dtype's singularity level, RCOND_FACTOR * M * eps, where that is large
 from singular, and B = A^{-1} is formed to about cond(A) * 1e-16."""
 
 
-CG_MIN_ITERATIONS = 24
-"""Below this many iterations of budget "auto" solves directly without trying CG: CG on the lasso
-support systems has not reached the adjoint tolerance in fewer where measured (15 to 24
-iterations on the digits VARS-SD training problems, 59 to 124 at DeiT-Tiny shapes, 1e-6), so a
-shorter CG run is mostly time spent before the direct solve that follows it anyway. The digits
-training layers' budget is 16 to 18 iterations: at 16 "auto" took 2.45x the direct solve's time."""
+CG_ITERATIONS_PER_ATOM = 2.0
+""""auto" tries CG only where its budget (:func:`cg_budget`) is at least this many iterations per
+atom of the largest support system, the iterations CG can be expected to need: in exact arithmetic
+CG solves an s x s system in at most s iterations, and in float32 to the adjoint tolerance (1e-6)
+it took 0.55 to 1.56 times the largest support where measured (bench_adjoint_cost.py: 63
+iterations for a largest support of 51, 59 for 107, 124 for 166; the four digits VARS-SD training
+layers at batch 32, shipped and DEQ-trained weights, forwards to 1e-3 and 1e-2: 21-30 iterations
+for 16-45). Where the budget is shorter, CG mostly spends the time of a direct solve before the
+direct solve that follows it: on every one of those shapes and layers the budget was shorter (9
+to 47 iterations) and the direct solve alone the faster adjoint, by 1.2-150x on the benchmark's
+shapes and 1.56x on the digits training step at 1e-2, where the former rule (CG from a budget of
+24 iterations) took CG first on some layers."""
+
+
+def cg_worth_trying(budget: int, largest_support: int) -> bool:
+    """Whether "auto" runs CG (then the direct solve for what CG leaves) rather than the direct
+    solve alone: ``budget >= CG_ITERATIONS_PER_ATOM * largest_support``, the budget from
+    :func:`cg_budget` and the support size from the mask (:data:`CG_ITERATIONS_PER_ATOM`)."""
+    _check_counts(budget=budget, largest_support=largest_support)
+    return budget >= CG_ITERATIONS_PER_ATOM * largest_support
 
 
 def _wide(*dtypes: torch.dtype) -> torch.dtype:
