@@ -10,8 +10,10 @@ first round untimed; each call is forward, loss = <w, out>, backward:
 - ``ours_d``: ``vd.VARSAttention(192, 3, qkv_bias=True, dictionary="d")`` with its defaults (the
   original's 5 ISTA steps, unrolled);
 - ``ours_sd``: ``dictionary="sd", static_atoms="free", num_tokens=N`` (the original's VARS-SD);
-- ``ours_d_deq``, ``ours_sd_deq``: the same layers with ``backward=vd.Implicit()``, whose forward
-  is the DEQ preset (FISTA to a relative residual of 1e-3); ``--no-deq`` skips them;
+- ``ours_d_deq``, ``ours_sd_deq``: the same layers with ``backward="implicit"``, whose forward is
+  the DEQ preset (FISTA to a relative residual of 1e-2) and whose adjoint is damped by the layer's
+  ridge (``LAYER_ADJOINT_RIDGE``, 1e-3: at this VARS-SD shape a 1e-2 solve leaves more atoms on a
+  support than there are tokens, and the undamped support Gram is singular); ``--no-deq`` skips them;
 - ``ours_d_compiled``, ``ours_sd_compiled`` (``--compile``): ``torch.compile`` of ``ours_d`` /
   ``ours_sd`` (the same modules and weights; the fixed-step forward traces whole), checked
   against the original like the eager ones; their counts are the eager twin's;
@@ -142,7 +144,7 @@ def layer_configs(shape: dict, deq: bool) -> dict[str, tuple[str, dict]]:
                 "sd": {"dictionary": "sd", "static_atoms": "free", "num_tokens": shape["N_sd"]}}
     configs = {f"ours_{kind}": (kind, kw) for kind, kw in faithful.items()}
     if deq:
-        configs.update({f"ours_{kind}_deq": (kind, {**kw, "backward": vd.Implicit()}) for kind, kw in faithful.items()})
+        configs.update({f"ours_{kind}_deq": (kind, {**kw, "backward": "implicit"}) for kind, kw in faithful.items()})
     return configs
 
 
@@ -236,7 +238,7 @@ def plot(rows: dict, ratios: dict, floors: dict, path: Path, title: str) -> None
 def main(argv=None) -> int:
     ap = common.parser(__doc__, default_threads=1)
     ap.add_argument("--repeats", type=int, default=20, help="timed rounds (after one untimed round)")
-    ap.add_argument("--no-deq", action="store_true", help="skip the backward=vd.Implicit() variants")
+    ap.add_argument("--no-deq", action="store_true", help="skip the backward=\"implicit\" variants")
     ap.add_argument("--compile", action="store_true", help="add torch.compile of ours_d and ours_sd")
     args = ap.parse_args(argv)
     shape = QUICK_SHAPE if args.quick else SHAPE

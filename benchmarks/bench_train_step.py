@@ -5,7 +5,7 @@ training set, AdamW's zero_grad / forward / cross-entropy backward timed apart (
 ``--repeats`` interleaved rounds, each variant once per round, round 0 untimed), for
 
 - ``unroll``: the original code (5 ISTA steps, backprop through them);
-- ``implicit``: ``--backward implicit`` with every other option default (FISTA to 1e-3, the
+- ``implicit``: ``--backward implicit`` with every other option default (FISTA to 1e-2, the
   "auto" adjoint), started cold as every step of a run without ``--warm-start``;
 - ``implicit_direct`` and ``implicit_cg``: the same with the adjoint named;
 - ``implicit_warm``: the default implicit step started from the equilibrium of the same batch at the

@@ -3,9 +3,10 @@
 Methods (every other setting is the library default: adamw 1e-3, cosine, 1 warm-up epoch, batch 64):
 
     unroll-5ista     backprop through the original code's forward, 5 ISTA steps (the unroll preset)
-    unroll-fista     backprop through the DEQ forward preset (FISTA to relative residual 1e-3, <= 100 steps)
-    implicit         the library's default for backward="implicit": the DEQ forward preset (FISTA to 1e-3,
-                     <= 100 steps) and the "auto" adjoint (CG within the direct solve's predicted time, then direct)
+    unroll-fista     backprop through the DEQ forward preset (FISTA to relative residual 1e-2, <= 100 steps)
+    implicit         the library's default for backward="implicit": the DEQ forward preset (FISTA to 1e-2,
+                     <= 100 steps) and the "auto" adjoint (the direct solve, or CG first where its budget
+                     covers the iterations CG needs)
     implicit-direct  implicit gradient (DEQ forward preset), adjoint by Cholesky on the support
     implicit-cg      the same with the adjoint by conjugate gradients on the active set
     phantom-5        phantom gradient (Geng et al. 2021): k = 5 undamped steps (tau = 1) from the equilibrium

@@ -58,7 +58,7 @@ def test_describe_layers_names_backward_and_forward():
     model = create_model("vars_sd_digits")
     assert plots.describe_layers(model) == "backward unroll, forward ista 5 steps"
     apply_layer_options(model, "vars_sd_digits", {"backward": "implicit", "adjoint": "cg"})
-    assert plots.describe_layers(model) == "backward implicit (adjoint cg), forward fista to tol 0.001 in <= 100 steps"
+    assert plots.describe_layers(model) == "backward implicit (adjoint cg), forward fista to tol 0.01 in <= 100 steps"
     apply_layer_options(model, "vars_sd_digits", {"backward": "phantom", "phantom_steps": 5})
     assert plots.describe_layers(model).startswith("backward phantom (k=5, tau=1)")
     assert plots.describe_layers(torch.nn.Linear(2, 2)) == ""

@@ -71,7 +71,7 @@ class VARSAttention(nn.Module):
             original code's: lam 0.3, 5 ISTA steps from the thresholded encode S_lam(D^T v),
             backprop through the unroll, and the step 1/L with L = Gershgorin bound + 1, detached.
             With ``backward="implicit"`` (or phantom) and solver, max_steps, tol not given, the
-            forward is the DEQ preset (FISTA to residual 1e-3, at most 100 steps) instead.
+            forward is the DEQ preset (FISTA to residual 1e-2, at most 100 steps) instead.
         static_atoms: "conv" (default; translated templates, any square grid) or "free" (a learned
             (N x M_s) matrix per head, M_s = the number of dynamic features, as in the original
             VARS-SD code; needs ``num_tokens``, the fixed token count N).

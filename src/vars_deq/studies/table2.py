@@ -12,7 +12,7 @@ comparison on the embedded digits (default) or a local CIFAR-10 folder, one reci
     vars_d        VARS-D, the original's settings                        w/ VARS-D
     vars_sd       VARS-SD, the original's settings (5 ISTA steps, unrolled gradients)
     vars_sd_deq   VARS-SD as a converged equilibrium trained with implicit gradients
-                  (the library's DEQ preset: FISTA to relative residual 1e-3, <= 100 steps)
+                  (the library's DEQ preset: FISTA to relative residual 1e-2, <= 100 steps)
 
 Training: the library's recipe (AdamW lr 1e-3, weight decay 0.05, batch 64, 1 warm-up epoch,
 cosine decay to 1e-5) for a fixed number of epochs; the cosine schedule ends every run on a
