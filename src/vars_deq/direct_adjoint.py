@@ -103,7 +103,7 @@ iterations for a largest support of 51, 59 for 107, 124 for 166; the four digits
 layers at batch 32, shipped and DEQ-trained weights, forwards to 1e-3 and 1e-2: 21-30 iterations
 for 16-45). Where the budget is shorter, CG mostly spends the time of a direct solve before the
 direct solve that follows it: on every one of those shapes and layers the budget was shorter (9
-to 47 iterations) and the direct solve alone the faster adjoint, by 1.2-150x on the benchmark's
+to 47 iterations) and the direct solve alone the faster adjoint, by 1.2-144x on the benchmark's
 shapes and 1.56x on the digits training step at 1e-2, where the former rule (CG from a budget of
 24 iterations) took CG first on some layers."""
 
