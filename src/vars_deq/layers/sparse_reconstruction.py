@@ -41,7 +41,7 @@ PRESET: Any = _Preset()
 ORIGINAL_FORWARD = {"solver": "ista", "max_steps": 5, "tol": None}
 #: a forward that converges, for gradients that assume an equilibrium (implicit, phantom): FISTA to a
 #: relative residual of 1e-2 per problem, at most 100 steps. Measured on the digits VARS-SD model
-#: (README, implicit training): 18-19 steps a layer, every problem converged, and implicit training
+#: (README, implicit training): 16-19 steps a layer, every problem converged, and implicit training
 #: meets 97% best / 96.5% final on every seed tried, against 55-60 steps and 5 of 9 seeds at 1e-3
 DEQ_FORWARD = {"solver": "fista", "max_steps": 100, "tol": 1e-2}
 #: backward name -> the solver, max_steps and tol a layer uses where they are not given
