@@ -219,16 +219,24 @@ def support_solve(
                 picked = rows[dense[rows]]
                 u_rows[picked], rel_rows[picked] = _solve_complement(
                     inverse, sub_gram, keep[rows], rhs_rows[rows], eta_p[probs], float(ridge), dense[rows], wide)
-        _solve_groups(gram, keep, rhs_rows, eta_p, problem_of_row, float(ridge), wide, (~co).nonzero()[:, 0], u_rows,
-                      rel_rows)
-        u = u_rows.reshape(P, C, M).transpose(1, 2).contiguous().to(rhs.dtype)
+        _solve_groups(gram, keep, rhs_rows, eta_p, problem_of_row, float(ridge), wide, (~co).nonzero()[:, 0], u_rows)
+        u_wide = u_rows.reshape(P, C, M).transpose(1, 2)
+        # residuals of the support systems, ||A u_S - rhs_S|| / ||rhs_S||: one product with the
+        # whole Gram (per group, batched matrix-vector products cost more)
+        m = keep.reshape(P, C, M).transpose(1, 2).to(wide)
+        b = rhs.to(wide) * m
+        r = (eta_p[:, None, None] * (gram.to(wide) @ u_wide) + ridge * u_wide) * m - b
+        r_norm, b_norm = r.norm(dim=1).reshape(P * C), b.norm(dim=1).reshape(P * C)
+        plain_rel = torch.where(b_norm > 0, r_norm / torch.where(b_norm > 0, b_norm, 1.0), r_norm)
+        rel_rows = torch.where(co, rel_rows, plain_rel)
+        u = u_wide.contiguous().to(rhs.dtype)
         rel = rel_rows.reshape(P, C).amax(-1) if C > 0 else torch.zeros(P, dtype=wide, device=device)
     return u, rel
 
 
-def _solve_groups(gram, keep, rhs_rows, eta_p, problem_of_row, ridge, wide, rows, u_rows, rel_rows) -> None:
+def _solve_groups(gram, keep, rhs_rows, eta_p, problem_of_row, ridge, wide, rows, u_rows) -> None:
     """The systems of ``rows`` on the support ``keep``, grouped by padded size and solved by
-    :func:`_solve_rows`, chunked to :data:`GATHER_BUDGET_BYTES`; written into u_rows, rel_rows."""
+    :func:`_solve_rows`, chunked to :data:`GATHER_BUDGET_BYTES`; written into u_rows."""
     if rows.numel() == 0:
         return
     padded = _padded_sizes(keep[rows].sum(-1))
@@ -238,12 +246,12 @@ def _solve_groups(gram, keep, rhs_rows, eta_p, problem_of_row, ridge, wide, rows
     M = keep.shape[-1]
     for s, n in torch.stack([sizes, counts], 1).tolist():
         group, start = rows[order[start:start + n]], start + n
-        if s == 0:  # empty supports: u = 0, residual 0
+        if s == 0:  # empty supports: u = 0
             continue
         chunk = max(1, GATHER_BUDGET_BYTES // ((s * M + 2 * s * s) * torch.finfo(wide).bits // 8))
         for lo in range(0, n, chunk):
             part = group[lo:lo + chunk]
-            u_rows[part], rel_rows[part] = _solve_rows(
+            u_rows[part] = _solve_rows(
                 gram, keep[part], rhs_rows[part], eta_p[problem_of_row[part]], problem_of_row[part], ridge, s, wide,
             )
 
@@ -291,11 +299,9 @@ def _solve_complement(inverse, gram, keep, rhs_rows, eta_p, ridge, co, wide):
     g = (rhs_rows.to(f64) * keep).reshape(Q, C, M).transpose(1, 2)  # (Q, M, C)
     y = (inverse @ g).transpose(1, 2).reshape(Q * C, M)
     lam = torch.zeros(Q * C, M, dtype=f64, device=g.device)
-    schur_rel = torch.zeros(Q * C, dtype=f64, device=g.device)
     problem_of_row = torch.arange(Q, device=g.device).repeat_interleave(C)
     rows = co.nonzero()[:, 0]
-    _solve_groups(inverse, ~keep, -y, torch.ones(Q, dtype=f64, device=g.device), problem_of_row, 0.0, f64, rows, lam,
-                  schur_rel)
+    _solve_groups(inverse, ~keep, -y, torch.ones(Q, dtype=f64, device=g.device), problem_of_row, 0.0, f64, rows, lam)
     lam = lam.reshape(Q, C, M).transpose(1, 2)
     m = keep.to(f64).reshape(Q, C, M).transpose(1, 2)
     u = (inverse @ (g + lam)) * m
@@ -335,7 +341,7 @@ def support_groups(mask: torch.Tensor, complement: bool = False) -> dict[int, in
 
 def _solve_rows(gram, keep, rhs_rows, eta_rows, problem_of_row, ridge, s, wide):
     """support_solve on k flat (problem, column) rows: keep (k, M) bool, rhs_rows (k, M);
-    returns the rows of u (k, M) and their relative residuals (k,)."""
+    returns the rows of u (k, M)."""
     k, M = keep.shape
     # each row's support atoms in index order, compacted by their rank on the support (a scatter,
     # where a sort would cost k M log M); slots past the support keep atom 0 and are masked below
@@ -371,13 +377,9 @@ def _solve_rows(gram, keep, rhs_rows, eta_rows, problem_of_row, ridge, s, wide):
         inv = torch.where(w.abs() > cut, 1.0 / torch.where(w.abs() > cut, w, 1.0), 0.0)
         u[which] = (V @ (inv * (V.transpose(-1, -2) @ b[which, :, None])[..., 0])[..., None])[..., 0]
     u = u * vf
-
-    r = (A @ u[:, :, None])[..., 0] - b
-    r_norm, b_norm = r.norm(dim=-1), b.norm(dim=-1)
-    rel = torch.where(b_norm > 0, r_norm / torch.where(b_norm > 0, b_norm, 1.0), r_norm)
     out = torch.zeros(k, M, dtype=wide, device=keep.device)
     out.scatter_add_(1, idx, u)  # pad slots add their zeros to atom 0
-    return out, rel
+    return out
 
 
 # -- cost model --------------------------------------------------------------------------------

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 from typing import Any
 
 import torch
 from torch import nn
 
 from .. import unrolled
-from ..backward import FLAT_BACKWARD_KEYS, Backward, Implicit, make_backward, sparse_code
+from ..backward import FLAT_BACKWARD_KEYS, Backward, Implicit, _caller, make_backward, sparse_code
 from ..dictionaries.base import check_lipschitz_mode
+from ..dictionaries.dense import DenseDictionary
+from ..dictionaries.union import UnionDictionary
 from ..equilibrium import INITS, REPORT_TOL, Solution, SolveStats, check_loop_args, initial_codes
 from ..problems import SparseCoding
 from ..solvers import Solver, make_solver
@@ -23,6 +26,9 @@ __all__ = ["SparseReconstruction", "configure_layers", "layer_stats", "RUNTIME_O
 #: layers run short, unconverged forwards (5 steps) whose support can exceed the token count,
 #: where the exact system is singular. A ``vd.Implicit(...)`` object is used as given.
 LAYER_ADJOINT_RIDGE = 1e-3
+
+#: the warning registry of the construction-time warnings (shown once per message and user line)
+_WARNED: dict = {}
 
 #: "not given" for configure's keywords (None is a valid tol)
 _KEEP: Any = object()
@@ -46,6 +52,24 @@ ORIGINAL_FORWARD = {"solver": "ista", "max_steps": 5, "tol": None}
 DEQ_FORWARD = {"solver": "fista", "max_steps": 100, "tol": 1e-2}
 #: backward name -> the solver, max_steps and tol a layer uses where they are not given
 FORWARD_PRESETS = {"unroll": ORIGINAL_FORWARD, "implicit": DEQ_FORWARD, "phantom": DEQ_FORWARD}
+
+
+def fixed_counts(dictionary: nn.Module) -> tuple[int, int] | None:
+    """(N tokens, M atoms) of a dictionary whose atoms are over a fixed token count (free atoms,
+    alone or in a VARS-SD union), else None (Performer and convolutional atoms take N from the input)."""
+    parts = [dictionary.a, dictionary.b] if isinstance(dictionary, UnionDictionary) else [dictionary]
+    tokens = {p.num_tokens for p in parts if isinstance(p, DenseDictionary)}
+    if len(tokens) != 1:
+        return None
+    (n,) = tokens
+    atoms = 0
+    for p in parts:
+        m = getattr(p, "num_atoms", None)
+        m = m(n) if callable(m) else m
+        if not isinstance(m, int):
+            return None
+        atoms += m
+    return n, atoms
 
 
 def layer_backward(spec: "str | Backward", **flat: Any) -> Backward:
@@ -187,6 +211,15 @@ class SparseReconstruction(nn.Module):
             lam_t = torch.as_tensor(lam, dtype=torch.float64)
             if not bool(torch.isfinite(lam_t).all()) or bool((lam_t < 0).any()):
                 raise ValueError(f"lam must be finite and >= 0, got {lam}")
+        if (backward is not _KEEP or backward_options) and isinstance(new_backward, Implicit) and new_backward.ridge == 0:
+            counts = fixed_counts(self.dictionary)
+            if counts is not None and counts[1] > counts[0]:
+                # once per message and user line (the layers of one model share both)
+                warnings.warn_explicit(
+                    f"an undamped implicit backward (adjoint_ridge=0) on a layer of {counts[1]} atoms over "
+                    f"{counts[0]} tokens: a support can hold more atoms than there are tokens, where the support "
+                    f"Gram is singular and the adjoint does not converge; pass adjoint_ridge > 0 (backward="
+                    f"'implicit' by name uses {LAYER_ADJOINT_RIDGE:g})", UserWarning, *_caller(), registry=_WARNED)
         # every option is valid: apply them together
         self._forward, self.backward = forward, new_backward
         if lipschitz is not _KEEP:
