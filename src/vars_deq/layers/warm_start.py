@@ -9,6 +9,10 @@ FISTA solve to 1e-3 stops 31-40% (median, codes) from the fixed point, 5-10% at 
 cold starts give different codes, and a warm-started run's model is not quite the cold one (README,
 implicit training). Measured on the digits VARS-SD DEQ (FISTA to 1e-3): after one epoch at lr
 1e-4 the next solve takes 6-11 steps instead of 50-53, at lr 1e-3 30-43 (README, implicit training).
+At the DEQ preset (FISTA to 1e-2), over five seeds of 45 epochs, warm-started training brought the
+forward from 18 steps a layer to 1 but reached 97.2 / 96.9% mean best / final test accuracy against
+97.6 / 97.2% cold, the thresholds on three seeds of five against all five: the trainer starts cold
+unless asked (``--warm-start``).
 A fixed-step layer (``tol=None``, the original's 5 ISTA steps) is never warm-started: its output
 is a function of its start, and changing the start would change the model.
 
