@@ -427,8 +427,8 @@ def test_lasso_implicit_gradient_matches_finite_differences(seed, nonneg, frac):
 
 
 def test_flop_counts():
-    assert direct_flops(10, {6: 6}) == 6 * (6**3 / 3 + 5 * 36 + 20)
-    assert direct_flops(10, {6: 2, 8: 1}) == 2 * (6**3 / 3 + 5 * 36 + 20) + (8**3 / 3 + 5 * 64 + 20)
+    assert direct_flops(10, {6: 6}) == 6 * (6**3 / 3 + 3 * 36 + 200 + 20)
+    assert direct_flops(10, {6: 2, 8: 1}) == 2 * (6**3 / 3 + 3 * 36 + 200 + 20) + (8**3 / 3 + 3 * 64 + 200 + 20)
     assert cg_flops(2, 3, 10, 7) == 2 * 3 * 7 * (2 * 100 + 100)
     assert direct_flops(8, {}) == 0 and cg_flops(4, 5, 8, 0) == 0
 

@@ -397,15 +397,16 @@ def direct_flops(M: int, groups: dict[int, int]) -> float:
 
     Per column (flops count a multiply and an add separately): gathering the support Gram s^2,
     its Cholesky factorization s^3 / 3, the two triangular solves s^2 each (2 s^2), the residual
-    check A u 2 s^2, and 2 M for the support indices and the scatter back:
+    check, one product with the whole Gram (2 M^2), and 2 M for the support indices and the scatter
+    back:
 
-        sum over groups of columns(s) (s^3 / 3 + 5 s^2 + 2 M).
+        sum over groups of columns(s) (s^3 / 3 + 3 s^2 + 2 M^2 + 2 M).
 
     The Gram G = D^T D is taken as formed (its cost, the same for CG, is left out). The fallback
     of numerically singular columns (an eigendecomposition, about 9 s^3) is not counted.
     """
     _check_groups(M, groups)
-    return sum(n * (float(s) ** 3 / 3 + 5.0 * s * s + 2 * M) for s, n in groups.items())
+    return sum(n * (float(s) ** 3 / 3 + 3.0 * s * s + 2.0 * M * M + 2 * M) for s, n in groups.items())
 
 
 def cg_flops(P: int, C: int, M: int, iterations: float) -> float:
