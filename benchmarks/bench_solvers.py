@@ -24,7 +24,7 @@ import common  # noqa: E402
 
 import vars_deq as vd  # noqa: E402
 
-SOLVERS = ["ista", "fista", "mfista", "fista_restart", "anderson", "anderson_residual", "anderson_plain"]
+SOLVERS = ["ista", "fista", "mfista", "fista_restart", "fista_rank1", "anderson", "anderson_residual", "anderson_plain"]
 SHAPE = {"batch": 8, "heads": 3, "tokens": 196, "head_dim": 64}
 QUICK_SHAPE = {"batch": 2, "heads": 1, "tokens": 16, "head_dim": 8}
 LAM = 0.3

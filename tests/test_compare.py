@@ -54,7 +54,7 @@ def _fake(converged):
                                       "converged_fraction": frac, "rel_energy_gap_max": None}}}
 
     return {"anderson": row(1.0, 10.0, 0.1), "ista": row(converged, 40.0, 0.2), "fista": row(1.0, 20.0, 0.1),
-            "torchdeq_anderson": row(1.0, 12.0, 0.4)}
+            "torchdeq_anderson": row(1.0, 12.0, 0.4), "fista_rank1": row(1.0, 8.0, 0.05)}
 
 
 def test_a_ratio_against_an_unconverged_solver_is_none_with_a_reason():
@@ -62,6 +62,7 @@ def test_a_ratio_against_an_unconverged_solver_is_none_with_a_reason():
     assert ok["anderson_vs_ista_iterations"] == pytest.approx(0.25)
     assert ok["anderson_vs_fista_iterations"] == pytest.approx(0.5)
     assert ok["anderson_vs_torchdeq_anderson_time"] == pytest.approx(0.25)
+    assert ok["fista_rank1_vs_fista_time"] == pytest.approx(0.5)
     assert ok["notes"] == {}
     bad = target_checks(_fake(0.5), 1e-4)
     assert bad["anderson_vs_ista_iterations"] is None

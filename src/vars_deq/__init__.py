@@ -24,6 +24,7 @@ __all__ = [
     "Solver",
     "ISTA",
     "FISTA",
+    "RankOneFISTA",
     "Anderson",
     "TorchDEQSolver",
     "SOLVERS",

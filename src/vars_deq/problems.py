@@ -83,11 +83,16 @@ class LassoBatch:
         loop drops problems): S_t(A z + c) with A = I - eta G where the Gram is formed, else
         S_t((z + c) + (-eta D^T)(D z)), with c = eta b. Same products as the plain form, two or three
         elementwise passes over the codes fewer; equal to it to rounding (tests/test_fast_paths.py)."""
+        return threshold(*self.pre_step(z), self.nonneg)
+
+    def pre_step(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(z - eta (G z - b), eta lam): the gradient step of T and its threshold, T(z) =
+        threshold(*pre_step(z)); fused where T runs fused (see :meth:`T`)."""
         if not (torch.is_grad_enabled() and (z.requires_grad or self.b.requires_grad or self.lam.requires_grad)):
             step_map = self.step_map()
             if step_map is not None:
-                return threshold(step_map.pre_threshold(z), step_map.t, self.nonneg)
-        return self.T_from(z, self.normal(z))
+                return step_map.pre_threshold(z), step_map.t
+        return z - self.eta * (self.normal(z) - self.b), self.eta * self.lam
 
     def step_map(self) -> "StepMap | None":
         """The fused no-grad step of these problems, or None where the operator keeps no explicit

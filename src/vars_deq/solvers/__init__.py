@@ -7,6 +7,7 @@ from typing import Callable
 from .anderson import SAFEGUARDS, Anderson
 from .base import LoopSolver, Solver, StepSolver
 from .fista import RESTARTS, FISTA
+from .fista_rank1 import RankOneFISTA
 from .ista import ISTA
 from .torchdeq_adapter import TORCHDEQ_METHODS, TorchDEQSolver
 
@@ -16,6 +17,7 @@ SOLVERS: dict[str, Callable[[], Solver]] = {
     "mfista": lambda: FISTA(monotone=True),
     "fista_restart": lambda: FISTA(restart="function"),
     "fista_gradient_restart": lambda: FISTA(restart="gradient"),
+    "fista_rank1": RankOneFISTA,
     "anderson": Anderson,
     "anderson_residual": lambda: Anderson(safeguard="residual"),
     "anderson_plain": lambda: Anderson(safeguard=None),
@@ -42,5 +44,5 @@ def make_solver(spec: str | Solver, generic: bool = False) -> Solver:
     return SOLVERS[spec]()
 
 
-__all__ = ["SOLVERS", "Solver", "StepSolver", "LoopSolver", "ISTA", "FISTA", "Anderson", "make_solver", "SAFEGUARDS",
+__all__ = ["SOLVERS", "Solver", "StepSolver", "LoopSolver", "ISTA", "FISTA", "RankOneFISTA", "Anderson", "make_solver", "SAFEGUARDS",
            "RESTARTS", "TorchDEQSolver", "TORCHDEQ_METHODS"]
