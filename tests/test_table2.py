@@ -18,6 +18,7 @@ import vars_deq as vd
 import vars_deq.models  # noqa: F401  (registers the models with timm)
 from vars_deq.cli import main
 from vars_deq.eval import pgd_robust_counts
+from vars_deq.layers.sparse_reconstruction import LAYER_ADJOINT_RIDGE
 from vars_deq.studies import table2
 
 from test_data import write_fake_cifar10
@@ -89,6 +90,8 @@ def test_gradient_sources_keep_the_forward_and_swap_the_backward():
     assert (layer.backward.name, layer.max_steps, layer.tol) == ("unroll", 5, None)
     implicit = next(m for m in sources["implicit"].modules() if isinstance(m, vd.SparseReconstruction))
     assert implicit.backward.name == "implicit" and implicit.tol is not None  # the converged DEQ preset
+    # damped as a layer's implicit backward by name: these layers have more atoms than tokens
+    assert implicit.backward.ridge == LAYER_ADJOINT_RIDGE > 0
 
     def grad(m):
         xa = x.clone().requires_grad_(True)

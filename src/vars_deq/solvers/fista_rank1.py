@@ -120,7 +120,9 @@ class RankOneFISTA(StepSolver):
             if gram is None:
                 eye = torch.eye(M, dtype=z0.dtype, device=z0.device).expand(P, M, M)
                 gram = problem.normal(eye)
-            v, a, c = rank_one_metric(gram.detach().expand(P, M, M))
+            # a Gram shared by every problem is decomposed once
+            v, a, c = rank_one_metric(gram.detach().reshape(-1, M, M))
+            v, a, c = v.expand(P, M, 1), a.expand(P, 1, 1), c.expand(P, 1, 1)
         alpha = torch.zeros(P, 1, C, dtype=z0.dtype, device=z0.device)
         # t = 0 makes the first step plain (y_1 = x_0), as in FISTA
         return RankOneFISTAState(z0, z0, alpha, v, a, c, 0.0)

@@ -241,7 +241,7 @@ def _gradient_sources(model, x) -> dict[str, Any]:
     """
     import torch
 
-    from .. import Implicit, SparseReconstruction, Unroll
+    from .. import SparseReconstruction, Unroll
     from ..layers.sparse_reconstruction import PRESET, layer_stats
 
     layers = [m for m in model.modules() if isinstance(m, SparseReconstruction)]
@@ -257,7 +257,9 @@ def _gradient_sources(model, x) -> dict[str, Any]:
     for layer, taken, source_u, source_i in zip(layers, steps, *copies, strict=True):
         fixed = layer.max_steps if layer.tol is None else max(1, taken)
         source_u.configure(backward=Unroll(), solver=layer.solver, max_steps=fixed, tol=None)
-        source_i.configure(backward=Implicit(), solver=PRESET, max_steps=PRESET, tol=PRESET)
+        # by name: the layer's damped adjoint (LAYER_ADJOINT_RIDGE); undamped, the support systems of
+        # these layers (more atoms than tokens) are singular and part of the adjoint does not converge
+        source_i.configure(backward="implicit", solver=PRESET, max_steps=PRESET, tol=PRESET)
     return {"unroll": unroll, "implicit": implicit}
 
 
