@@ -75,15 +75,15 @@ def test_the_prox_solves_its_optimality_conditions(m, cols, seed, log_a, log_rat
 @given(
     case=lasso_cases(dtypes=(torch.float64,), max_log10_cond=1.0, lam_frac=(0.05, 0.8)),
     z0=st.sampled_from(["zeros", "encode"]),
-    steps=st.integers(1, 60),
+    steps=st.integers(1, 40),
 )
 @settings(deadline=None)
 def test_rate_bound_in_the_metric(case, z0, steps):
     """E(x_k) - E* <= 2 ||x_0 - x*||_W^2 / (k + 1)^2 (FISTA's bound in the metric's norm; with an
-    exact prox: 40 Newton steps)."""
+    exact prox: 10 Newton steps from the previous multiplier, 20 on the first step)."""
     prob = case.problem()
     z_star, e_star, _ = reference_solution(case)
-    sol = vd.solve(prob, vd.RankOneFISTA(newton_steps=40), max_steps=steps, tol=None, z0=z0, trace=True)
+    sol = vd.solve(prob, vd.RankOneFISTA(newton_steps=10), max_steps=steps, tol=None, z0=z0, trace=True)
     e = sol.stats.energy_trace  # E(x_k), k = 1..steps
     v, a, c = rank_one_metric(_gram(prob))
     flat = prob.flat()
