@@ -129,7 +129,7 @@ def test_every_runtime_option_reaches_the_layers_from_the_command_line(name):
 def test_an_undamped_implicit_backward_on_more_atoms_than_tokens_warns_at_construction():
     """VARS-SD digits: 64 atoms (32 Performer + 32 free) over 16 tokens. Undamped (ridge 0) the
     support Gram of a support larger than 16 is singular: the layer says so when built; damped, by
-    name or with a ridge, or where the token count is not fixed (Performer alone), it does not."""
+    name or with a ridge, or where the token count is not fixed (VARS-S's convolutional templates), it does not."""
     import warnings
 
     from vars_deq.layers.sparse_reconstruction import fixed_counts
@@ -141,8 +141,8 @@ def test_an_undamped_implicit_backward_on_more_atoms_than_tokens_warns_at_constr
         timm.create_model("vars_sd_digits", backward=vd.Implicit())
     with pytest.warns(UserWarning, match="undamped"):
         vd.configure_layers(model, backward="implicit", adjoint_ridge=0.0)
-    performer = vd.VARSAttention(16, 2, dictionary="s")
-    assert fixed_counts(performer.vars.dictionary) is None
+    conv = vd.VARSAttention(16, 2, dictionary="s")
+    assert fixed_counts(conv.vars.dictionary) is None
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         timm.create_model("vars_sd_digits", backward="implicit")

@@ -67,7 +67,7 @@ def test_the_prox_solves_its_optimality_conditions(m, cols, seed, log_a, log_rat
     v = v / v.norm()
     a = torch.full((1, 1, 1), 10.0 ** log_a, dtype=torch.float64)
     c = a * 10.0 ** log_ratio
-    z, _ = metric_prox(x0, lam, v, a, c, nonneg, torch.zeros(1, 1, cols, dtype=torch.float64), 60)
+    z, _ = metric_prox(x0, lam, v, a, c / a, (c / a) * v, nonneg, torch.zeros(1, 1, cols, dtype=torch.float64), 60)
     scale = (a + c).item() * (1 + x0.abs().max().item())
     assert _prox_kkt(x0, z, v, a, c, lam, nonneg).item() <= 1e-9 * scale
 

@@ -30,6 +30,13 @@ from .base import StepSolver
 RESTARTS = (None, "function", "gradient")
 
 
+def nesterov_point(x: torch.Tensor, xp: torch.Tensor, t: float) -> tuple[torch.Tensor, float]:
+    """Plain FISTA's extrapolation: (y = x + ((t - 1) / t_new) (x - xp), t_new), with t a Python
+    number (every problem follows the same sequence) and y formed in one pass over the codes."""
+    t_new = 0.5 * (1 + math.sqrt(1 + 4 * t * t))
+    return torch.lerp(xp, x, 1 + (t - 1) / t_new), t_new
+
+
 class FISTAState(NamedTuple):
     """x: the iterate, xp: the previous one, u = T(y) of the last step; g*: their Gram products
     G x, G xp, G u (P, M, C); t: the momentum (P, 1, 1); ex: E(x), only where monotone or
@@ -75,8 +82,7 @@ class FISTA(StepSolver):
     def step(self, problem, state, may_sync=False):
         x, gx, xp, gxp, u, gu, t = state.x, state.gx, state.xp, state.gxp, state.u, state.gu, state.t
         if self.plain:
-            t_new = 0.5 * (1 + math.sqrt(1 + 4 * t * t))
-            y = torch.lerp(xp, x, 1 + (t - 1) / t_new)  # x + c (x - xp) in one pass over the codes
+            y, t_new = nesterov_point(x, xp, t)
             u_new = problem.T(y)
             return FISTAState(u_new, None, x, None, None, None, t_new, None), y, u_new
         t_new = 0.5 * (1 + torch.sqrt(1 + 4 * t * t))

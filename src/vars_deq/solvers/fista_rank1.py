@@ -32,13 +32,13 @@ The loop's residual and output are those of the library's map T (step 1/L): each
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
 
 from ..prox import threshold
 from .base import StepSolver
+from .fista import nesterov_point
 
 #: W's margin over G, relative to lambda_1: covers float32 eigenvectors
 METRIC_MARGIN = 1e-4
@@ -50,15 +50,20 @@ FIRST_NEWTON_STEPS = 20
 
 class RankOneFISTAState(NamedTuple):
     """x: the iterate, xp: the previous one (P, M, C); alpha: each code column's prox multiplier
-    v^T (z - x0), the next Newton start (P, 1, C); v: the Gram's top eigenvector (P, M, 1); a, c:
-    the metric W = a I + c v v^T (P, 1, 1); t: the momentum, the same for every problem."""
+    v^T (z - x0), the next Newton start (P, 1, C); the metric W = a I + c v v^T, as the step uses it:
+    v (P, M, 1), a and c / a (P, 1, 1), and, fixed for the solve, inv_a_eta = 1 / (a eta) (P, 1, 1),
+    rank_one = c / (a + c) / (a eta) v and shift = (c / a) v (P, M, 1); t: the momentum, the same for
+    every problem."""
 
     x: torch.Tensor
     xp: torch.Tensor
     alpha: torch.Tensor
     v: torch.Tensor
     a: torch.Tensor
-    c: torch.Tensor
+    c_over_a: torch.Tensor
+    inv_a_eta: torch.Tensor
+    rank_one: torch.Tensor
+    shift: torch.Tensor
     t: float
 
 
@@ -76,11 +81,12 @@ def rank_one_metric(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
                 c.reshape(-1, 1, 1).to(gram.dtype))
 
 
-def metric_prox(x0: torch.Tensor, lam, v: torch.Tensor, a: torch.Tensor, c: torch.Tensor, nonneg: bool,
-                alpha: torch.Tensor, newton_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """prox^W(x0) for W = a I + c v v^T by ``newton_steps`` Newton steps on each column's alpha,
-    started at ``alpha`` (P, 1, C). Returns (z, alpha)."""
-    shift = (c / a) * v  # (P, M, 1)
+def metric_prox(x0: torch.Tensor, lam, v: torch.Tensor, a: torch.Tensor, c_over_a: torch.Tensor,
+                shift: torch.Tensor, nonneg: bool, alpha: torch.Tensor,
+                newton_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """prox^W(x0) for W = a I + c v v^T (``c_over_a`` = c / a, ``shift`` = (c / a) v) by
+    ``newton_steps`` Newton steps on each column's alpha, started at ``alpha`` (P, 1, C).
+    Returns (z, alpha)."""
     tau = lam / a
     v_t = v.transpose(-1, -2)
     v2_t = v_t * v_t
@@ -90,7 +96,7 @@ def metric_prox(x0: torch.Tensor, lam, v: torch.Tensor, a: torch.Tensor, c: torc
         phi = v_t @ z - v_x0 - alpha
         # the support's indicator as |sign z|: a comparison and a cast cost 7x as much on CPU
         support = torch.sign(z) if nonneg else torch.sign(z).abs_()
-        slope = torch.addcmul(torch.ones_like(phi), c / a, v2_t @ support)
+        slope = torch.addcmul(torch.ones_like(phi), c_over_a, v2_t @ support)
         alpha = alpha + phi / slope
     return threshold(torch.addcmul(x0, shift, alpha, value=-1), tau, nonneg), alpha
 
@@ -126,23 +132,24 @@ class RankOneFISTA(StepSolver):
             v, a, c = rank_one_metric(gram.detach().reshape(-1, M, M))
             v, a, c = v.expand(P, M, 1), a.expand(P, 1, 1), c.expand(P, 1, 1)
         alpha = torch.zeros(P, 1, C, dtype=z0.dtype, device=z0.device)
+        inv_a_eta = 1.0 / (a * problem.eta)
         # t = 0 makes the first step plain (y_1 = x_0), as in FISTA
-        return RankOneFISTAState(z0, z0, alpha, v, a, c, 0.0)
+        return RankOneFISTAState(z0, z0, alpha, v, a, c / a, inv_a_eta, (c / (a + c)) * inv_a_eta * v,
+                                 (c / a) * v, 0.0)
 
     def step(self, problem, state, may_sync=False):
-        x, xp, v, a, c, t = state.x, state.xp, state.v, state.a, state.c, state.t
-        t_new = 0.5 * (1 + math.sqrt(1 + 4 * t * t))
-        y = torch.lerp(xp, x, 1 + (t - 1) / t_new)
+        x, xp, v, t = state.x, state.xp, state.v, state.t
+        y, t_new = nesterov_point(x, xp, t)
         q, thr = problem.pre_step(y)
         u = threshold(q, thr, problem.nonneg)
         # eta (G y - b) = y - q, and W^{-1} = (I - c / (a + c) v v^T) / a (Sherman-Morrison)
         d = y - q
-        scale = 1.0 / (a * problem.eta)
-        x0 = torch.addcmul(y, d, scale, value=-1)
-        x0 = torch.addcmul(x0, (c / (a + c)) * scale * v, v.transpose(-1, -2) @ d)
+        x0 = torch.addcmul(y, d, state.inv_a_eta, value=-1)
+        x0 = torch.addcmul(x0, state.rank_one, v.transpose(-1, -2) @ d)
         newton_steps = self.newton_steps if t > 0 else max(self.newton_steps, FIRST_NEWTON_STEPS)
-        z, alpha = metric_prox(x0, problem.lam, v, a, c, problem.nonneg, state.alpha, newton_steps)
-        return RankOneFISTAState(z, x, alpha, v, a, c, t_new), y, u
+        z, alpha = metric_prox(x0, problem.lam, v, state.a, state.c_over_a, state.shift, problem.nonneg, state.alpha,
+                               newton_steps)
+        return state._replace(x=z, xp=x, alpha=alpha, t=t_new), y, u
 
     def iterate(self, state):
         return state.x
