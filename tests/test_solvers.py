@@ -3,6 +3,7 @@ scikit-learn's Lasso, batched = per-problem, per-problem convergence, loop argum
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import numpy as np
@@ -329,13 +330,14 @@ def test_each_problem_stops_on_its_own(solver, dtype):
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("solver,extra", [("ista", 0), ("fista", 0), ("mfista", 1)])
 def test_stopped_problems_cost_no_more_products(solver, extra, fused, compact, monkeypatch):
-    """Dropping a stopped problem at once (COMPACT_FRACTION 0), Gram products touch only the
+    """Dropping a stopped problem at once (COMPACT_FRACTION 0, COMPACT_PAYBACK 0), Gram products touch only the
     problems still running: sum of batch rows = sum of steps (+ one product per problem at the
     start of MFISTA, whose energies need G x_0), with the fused no-grad step (its products counted
     where it forms them) and without it. With the default fraction f, stopped rows stay below f of
     the batch, so the products are at most sum of steps / (1 - f)."""
     from vars_deq import equilibrium, problems
     D, x = _graded_problems(conds=(0.0, 0.3, 0.6, 1.0, 1.3, 1.6, 2.0, 2.5))
+    monkeypatch.setattr(equilibrium, "COMPACT_PAYBACK", 0.0)  # the fraction alone decides (payback: below)
     if compact is not None:
         monkeypatch.setattr(equilibrium, "COMPACT_FRACTION", compact)
     fraction = equilibrium.COMPACT_FRACTION
@@ -361,11 +363,63 @@ def test_stopped_problems_cost_no_more_products(solver, extra, fused, compact, m
         assert own <= sum(counter) <= int(sol.stats.steps.sum()) / (1 - fraction) + extra * prob.num_problems
 
 
+def _drops(prob, monkeypatch, **kw):
+    """The batch sizes left after each drop of stopped problems in one FISTA solve to 1e-8."""
+    from vars_deq import problems
+    sizes = []
+    plain_take = problems.LassoBatch.take
+
+    def take(self, index):
+        sizes.append(int(index.numel()))
+        return plain_take(self, index)
+
+    monkeypatch.setattr(problems.LassoBatch, "take", take)
+    sol = vd.solve(prob, "fista", max_steps=5000, tol=1e-8, **kw)
+    monkeypatch.setattr(problems.LassoBatch, "take", plain_take)
+    assert bool(sol.converged.all())
+    return sizes, sol
+
+
+def test_stopped_problems_leave_the_batch_only_where_the_drop_pays_back(monkeypatch):
+    """COMPACT_PAYBACK: a drop waits until stopped rows x steps since the first stop reach
+    COMPACT_PAYBACK x batch rows. Two groups of copies stop at two steps: no drop is made (the
+    fraction alone makes one); problems of spread conditioning stop hundreds of steps apart: stopped ones are dropped, and
+    each drop met the rule at the step it was made (checked against the stopping steps)."""
+    from vars_deq import equilibrium
+    D, x = _graded_problems(conds=(0.0, 0.3, 0.6, 1.0, 1.3, 1.6, 2.0, 2.5))
+    # four copies of an easy problem stop together, a quarter and more of the batch (the fraction
+    # alone would drop them), then four copies of a hard one: no stop comes after the first before
+    # the batch ends, so no drop pays
+    pick = torch.tensor([0] * 4 + [7] * 4)
+    two = vd.SparseCoding(DenseOperator(D[pick]), x[pick], 0.05)
+    sizes, sol = _drops(two, monkeypatch)
+    assert len(set(sol.stats.steps.tolist())) == 2 and sizes == []
+    monkeypatch.setattr(equilibrium, "COMPACT_PAYBACK", 0.0)
+    assert _drops(two, monkeypatch)[0] == [4]
+    monkeypatch.undo()
+    spread = vd.SparseCoding(DenseOperator(D), x, 0.05)
+    sizes, sol = _drops(spread, monkeypatch)
+    steps = sorted(sol.stats.steps.tolist())
+    assert sizes, "problems stopping hundreds of steps apart were never dropped"
+    first, batch, removed = steps[0], len(steps), 0
+    for left in sizes:
+        # a drop removes every problem stopped in the batch; it came at the latest of their stops
+        stopped = batch - left
+        k = steps[removed + stopped - 1] - 1  # the loop's 0-based step
+        assert stopped >= equilibrium.COMPACT_FRACTION * batch
+        assert stopped * (k - (first - 1)) >= equilibrium.COMPACT_PAYBACK * batch
+        batch, removed = left, removed + stopped
+    monkeypatch.setattr(equilibrium, "COMPACT_PAYBACK", math.inf)
+    assert _drops(spread, monkeypatch)[0] == []
+
+
 @given(case=lasso_cases(dtypes=(torch.float64,), max_log10_cond=2.5, batches=((6,), (3, 3))),
-       solver=st.sampled_from(["ista", "fista"]), fraction=st.sampled_from([0.25, 0.5, 1.0]))
-def test_when_stopped_problems_leave_the_batch_changes_nothing(case, solver, fraction):
+       solver=st.sampled_from(["ista", "fista"]), fraction=st.sampled_from([0.25, 0.5, 1.0]),
+       payback=st.sampled_from([0.0, 1.0, 4.0, math.inf]))
+def test_when_stopped_problems_leave_the_batch_changes_nothing(case, solver, fraction, payback):
     """Per-problem stopping records each problem at the step it stops; when it leaves the batch
-    (at once: COMPACT_FRACTION 0; with others: 0.25, 0.5; never: 1) changes no output, step count,
+    (at once: COMPACT_FRACTION 0 and COMPACT_PAYBACK 0; with others: 0.25, 0.5, and a payback of
+    1 or 4 steps; never: 1 or an infinite payback) changes no output, step count,
     residual or trace, since the problems are separable (to rounding: a batched matmul of other
     rows may round differently, and the iterates carry that; in float64, so that it stays far
     below the stopping decisions: float32 can move a residual across tol). ISTA and FISTA are
@@ -376,15 +430,15 @@ def test_when_stopped_problems_leave_the_batch_changes_nothing(case, solver, fra
 
     prob = case.problem()
     runs = []
-    for f in (0.0, fraction):
-        old = equilibrium.COMPACT_FRACTION
-        equilibrium.COMPACT_FRACTION = f
+    for f, b in ((0.0, 0.0), (fraction, payback)):
+        old = equilibrium.COMPACT_FRACTION, equilibrium.COMPACT_PAYBACK
+        equilibrium.COMPACT_FRACTION, equilibrium.COMPACT_PAYBACK = f, b
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", vd.ConvergenceWarning)  # capped problems compare too
                 runs.append(vd.solve(prob, solver, max_steps=300, tol=1e-6, trace=True))
         finally:
-            equilibrium.COMPACT_FRACTION = old
+            equilibrium.COMPACT_FRACTION, equilibrium.COMPACT_PAYBACK = old
     a, b = runs
     assert torch.equal(a.stats.steps, b.stats.steps) and torch.equal(a.converged, b.converged)
     torch.testing.assert_close(b.z, a.z, rtol=1e-9, atol=1e-12)
