@@ -383,8 +383,9 @@ def _drops(prob, monkeypatch, **kw):
 def test_stopped_problems_leave_the_batch_only_where_the_drop_pays_back(monkeypatch):
     """COMPACT_PAYBACK: a drop waits until stopped rows x steps since the first stop reach
     COMPACT_PAYBACK x batch rows. Two groups of copies stop at two steps: no drop is made (the
-    fraction alone makes one); problems of spread conditioning stop hundreds of steps apart: stopped ones are dropped, and
-    each drop met the rule at the step it was made (checked against the stopping steps)."""
+    fraction alone makes one); problems of spread conditioning stop hundreds of steps apart:
+    stopped ones are dropped, and each drop met the rule at the step it was made (checked against
+    the stopping steps); an infinite payback never drops."""
     from vars_deq import equilibrium
     D, x = _graded_problems(conds=(0.0, 0.3, 0.6, 1.0, 1.3, 1.6, 2.0, 2.5))
     # four copies of an easy problem stop together, a quarter and more of the batch (the fraction
