@@ -330,8 +330,8 @@ def test_each_problem_stops_on_its_own(solver, dtype):
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("solver,extra", [("ista", 0), ("fista", 0), ("mfista", 1)])
 def test_stopped_problems_cost_no_more_products(solver, extra, fused, compact, monkeypatch):
-    """Dropping a stopped problem at once (COMPACT_FRACTION 0, COMPACT_PAYBACK 0), Gram products touch only the
-    problems still running: sum of batch rows = sum of steps (+ one product per problem at the
+    """Dropping a stopped problem at once (COMPACT_FRACTION 0, COMPACT_PAYBACK 0), Gram products
+    touch only the problems still running: sum of batch rows = sum of steps (+ one product per problem at the
     start of MFISTA, whose energies need G x_0), with the fused no-grad step (its products counted
     where it forms them) and without it. With the default fraction f, stopped rows stay below f of
     the batch, so the products are at most sum of steps / (1 - f)."""
@@ -363,9 +363,10 @@ def test_stopped_problems_cost_no_more_products(solver, extra, fused, compact, m
         assert own <= sum(counter) <= int(sol.stats.steps.sum()) / (1 - fraction) + extra * prob.num_problems
 
 
-def _drops(prob, monkeypatch, **kw):
-    """The batch sizes left after each drop of stopped problems in one FISTA solve to 1e-8."""
-    from vars_deq import problems
+def _drops(prob, payback=None):
+    """The batch sizes left after each drop of stopped problems in one FISTA solve to 1e-8, with
+    COMPACT_PAYBACK as it is or as given."""
+    from vars_deq import equilibrium, problems
     sizes = []
     plain_take = problems.LassoBatch.take
 
@@ -373,14 +374,16 @@ def _drops(prob, monkeypatch, **kw):
         sizes.append(int(index.numel()))
         return plain_take(self, index)
 
-    monkeypatch.setattr(problems.LassoBatch, "take", take)
-    sol = vd.solve(prob, "fista", max_steps=5000, tol=1e-8, **kw)
-    monkeypatch.setattr(problems.LassoBatch, "take", plain_take)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(problems.LassoBatch, "take", take)
+        if payback is not None:
+            mp.setattr(equilibrium, "COMPACT_PAYBACK", payback)
+        sol = vd.solve(prob, "fista", max_steps=5000, tol=1e-8)
     assert bool(sol.converged.all())
     return sizes, sol
 
 
-def test_stopped_problems_leave_the_batch_only_where_the_drop_pays_back(monkeypatch):
+def test_stopped_problems_leave_the_batch_only_where_the_drop_pays_back():
     """COMPACT_PAYBACK: a drop waits until stopped rows x steps since the first stop reach
     COMPACT_PAYBACK x batch rows. Two groups of copies stop at two steps: no drop is made (the
     fraction alone makes one); problems of spread conditioning stop hundreds of steps apart:
@@ -393,13 +396,11 @@ def test_stopped_problems_leave_the_batch_only_where_the_drop_pays_back(monkeypa
     # the batch ends, so no drop pays
     pick = torch.tensor([0] * 4 + [7] * 4)
     two = vd.SparseCoding(DenseOperator(D[pick]), x[pick], 0.05)
-    sizes, sol = _drops(two, monkeypatch)
+    sizes, sol = _drops(two)
     assert len(set(sol.stats.steps.tolist())) == 2 and sizes == []
-    monkeypatch.setattr(equilibrium, "COMPACT_PAYBACK", 0.0)
-    assert _drops(two, monkeypatch)[0] == [4]
-    monkeypatch.undo()
+    assert _drops(two, payback=0.0)[0] == [4]
     spread = vd.SparseCoding(DenseOperator(D), x, 0.05)
-    sizes, sol = _drops(spread, monkeypatch)
+    sizes, sol = _drops(spread)
     steps = sorted(sol.stats.steps.tolist())
     assert sizes, "problems stopping hundreds of steps apart were never dropped"
     first, batch, removed = steps[0], len(steps), 0
@@ -410,8 +411,7 @@ def test_stopped_problems_leave_the_batch_only_where_the_drop_pays_back(monkeypa
         assert stopped >= equilibrium.COMPACT_FRACTION * batch
         assert stopped * (k - (first - 1)) >= equilibrium.COMPACT_PAYBACK * batch
         batch, removed = left, removed + stopped
-    monkeypatch.setattr(equilibrium, "COMPACT_PAYBACK", math.inf)
-    assert _drops(spread, monkeypatch)[0] == []
+    assert _drops(spread, payback=math.inf)[0] == []
 
 
 @given(case=lasso_cases(dtypes=(torch.float64,), max_log10_cond=2.5, batches=((6,), (3, 3))),
