@@ -1,6 +1,7 @@
 """How the backward of the VARS layers shapes training: VARS-SD on the embedded digits.
 
-Methods (every other setting is the library default: adamw 1e-3, cosine, 1 warm-up epoch, batch 64):
+Methods (every other setting is the library default: adamw 1e-3, cosine, 1 warm-up epoch, batch 64;
+but no unrolled pretraining, so that every epoch trains with the method's own backward):
 
     unroll-5ista     backprop through the original code's forward, 5 ISTA steps (the unroll preset)
     unroll-fista     backprop through the DEQ forward preset (FISTA to relative residual 1e-2, <= 100 steps)
@@ -13,7 +14,7 @@ Methods (every other setting is the library default: adamw 1e-3, cosine, 1 warm-
     jfb              Jacobian-free backprop (Fung et al. 2022): phantom with k = 1
 
 Per run (method x seed) the JSON keeps the per-epoch test accuracy, training time (the trainer's
-epoch_time_s: the optimizer steps of the epoch, evaluation excluded) and forward statistics, and the
+epoch_time_s: the optimizer steps of the epoch and its test evaluation) and forward statistics, and the
 peak memory of one training step. Peak memory: torch.profiler's CPU memory events (every allocation
 and free of torch's CPU allocator, in time order) over one step (forward, cross-entropy, backward)
 on the first 64 training images at the trained weights, after one unprofiled warm-up step; the peak
@@ -159,7 +160,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         dataset = {"dataset": "imagefolder", "data_dir": job["data_dir"]} if job["data_dir"] else {}
         train(TrainConfig(model=MODEL, layer_options=dict(METHODS[job["method"]]), epochs=job["epochs"],
                           batch_size=BATCH_SIZE, seed=job["seed"], output=str(out), device="cpu", progress=False,
-                          resume="auto" if (out / "checkpoint.pth").exists() else None, **dataset))
+                          pretrain_epochs=0, resume="auto" if (out / "checkpoint.pth").exists() else None, **dataset))
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
     elapsed, t = [], 0.0
     for h in history:

@@ -77,3 +77,18 @@ def test_plot_takes_the_per_layer_statistics_with_a_log_residual_panel(tmp_path,
     assert [list(line.get_ydata()) for line in steps.get_lines()] == [[5.0] * 3, [7.0] * 3, [9.0] * 3]
     assert residual.get_yscale() == "log" and len(residual.get_lines()) == 3
     assert [list(line.get_ydata()) for line in converged.get_lines()] == [[1.0] * 3, [0.5] * 3, [0.0] * 3]
+
+
+def test_pretraining_epochs_are_shaded_on_every_panel(tmp_path, figures):
+    history = _history(4, 5.0, 0.0)
+    for h in history:
+        h["pretrain"] = h["epoch"] <= 2
+    plots.plot_curves(history, tmp_path / "curves.png")
+    (fig,) = figures
+    for ax in fig.axes:
+        (span,) = ax.patches
+        xs = span.get_patch_transform().transform(span.get_path().vertices)[:, 0]  # data x: epochs
+        assert (xs.min(), xs.max()) == (0.5, 2.5)
+    assert "unrolled pretraining" in [t.get_text() for t in fig.axes[1].get_legend().get_texts()]
+    plots.plot_curves(_history(4, 5.0, 0.0), tmp_path / "plain.png")
+    assert all(not ax.patches for ax in figures[1].axes)

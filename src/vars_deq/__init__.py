@@ -41,6 +41,7 @@ __all__ = [
     "SparseReconstruction",
     "configure_layers",
     "layer_stats",
+    "original_forward",
     "VARSAttention",
     "WarmStart",
     "convert_vit",

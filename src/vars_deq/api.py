@@ -9,7 +9,7 @@ from .dictionaries import (
     UnionDictionary,
 )
 from .equilibrium import ConvergenceWarning, Solution, SolveStats, solve
-from .layers import SparseReconstruction, VARSAttention, WarmStart, configure_layers, layer_stats
+from .layers import SparseReconstruction, VARSAttention, WarmStart, configure_layers, layer_stats, original_forward
 from .problems import SparseCoding
 from .solvers import FISTA, ISTA, SOLVERS, Anderson, RankOneFISTA, Solver, TorchDEQSolver, make_solver
 from .models import attention_maps, convert_vit  # also registers the models with timm

@@ -23,7 +23,7 @@ _NOT_CONFIG = {"command", "run", "threads", "no_progress", "model_kwargs", "data
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..train.distributed import DEVICES
-    from ..train.trainer import AMP_MODES, SCHEDULERS, TrainConfig
+    from ..train.trainer import AMP_MODES, PRETRAIN_FRACTION, SCHEDULERS, TrainConfig
 
     d = TrainConfig()
     p.add_argument("--model", help=f"timm model name (default {d.model})")
@@ -61,6 +61,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", nargs="?", const="auto", metavar="CHECKPOINT",
                    help="continue a run: from CHECKPOINT, or without a value from <output>/checkpoint.pth")
     p.add_argument("--no-progress", action="store_const", const=True, help="no progress bar")
+    p.add_argument("--pretrain-epochs", type=int, metavar="N",
+                   help="the first N epochs run the VARS layers as the original code does (5 ISTA steps, "
+                        "unrolled), then the configured layers train: shallow pretraining of an equilibrium "
+                        f"model (default: {PRETRAIN_FRACTION:g} of the epochs with an implicit or phantom "
+                        "backward, else 0)")
     p.add_argument("--warm-start", dest="warm_start", action="store_const", const=True,
                    help="layers that solve to a tol start each training sample from its equilibrium of the "
                         "previous epoch (single process; default: every solve starts cold)")

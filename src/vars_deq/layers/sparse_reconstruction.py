@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import inspect
 import math
 import warnings
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -20,7 +22,8 @@ from ..problems import SparseCoding
 from ..solvers import Solver, make_solver
 from .warm_start import active_warm_start
 
-__all__ = ["SparseReconstruction", "configure_layers", "layer_stats", "RUNTIME_OPTIONS", "PRESET", "FORWARD_PRESETS"]
+__all__ = ["SparseReconstruction", "configure_layers", "layer_stats", "original_forward", "RUNTIME_OPTIONS", "PRESET",
+           "FORWARD_PRESETS"]
 
 #: the layer's damping of the implicit adjoint when ``backward="implicit"`` is given by name:
 #: layers run short, unconverged forwards (5 steps) whose support can exceed the token count,
@@ -53,6 +56,27 @@ DEQ_FORWARD = {"solver": "fista", "max_steps": 100, "tol": 1e-2}
 #: backward name -> the solver, max_steps and tol a layer uses where they are not given
 FORWARD_PRESETS = {"unroll": ORIGINAL_FORWARD, "implicit": DEQ_FORWARD, "phantom": DEQ_FORWARD}
 
+#: set inside original_forward() (a context variable, as WarmStart.use's: per thread and task)
+_ORIGINAL: contextvars.ContextVar[bool] = contextvars.ContextVar("vars_deq_original_forward", default=False)
+
+
+@contextlib.contextmanager
+def original_forward() -> Iterator[None]:
+    """Inside, every SparseReconstruction runs the original VARS code's forward and backward
+    (ORIGINAL_FORWARD, unrolled), whatever solver, max_steps, tol and backward it is configured
+    with; its lam, dictionary, step bound and start stay its own. It writes no module state, so
+    leaving the block restores the configured layers.
+
+    This is the shallow pretraining of deep-equilibrium models (Bai, Koltun and Kolter,
+    "Multiscale deep equilibrium models", NeurIPS 2020, and DEQ-Flow): a few epochs of the cheap
+    unrolled model before the equilibrium model trains (``TrainConfig.pretrain_epochs``).
+    """
+    token = _ORIGINAL.set(True)
+    try:
+        yield
+    finally:
+        _ORIGINAL.reset(token)
+
 
 def fixed_counts(dictionary: nn.Module) -> tuple[int, int] | None:
     """(N tokens, M atoms) of a dictionary whose atoms are over a fixed token count (free atoms,
@@ -77,6 +101,10 @@ def layer_backward(spec: "str | Backward", **flat: Any) -> Backward:
     if isinstance(spec, str) and spec == Implicit.name:
         spec = Implicit(ridge=LAYER_ADJOINT_RIDGE)
     return make_backward(spec, **flat)
+
+
+#: the backward inside original_forward()
+_ORIGINAL_BACKWARD = layer_backward("unroll")
 
 
 class SparseReconstruction(nn.Module):
@@ -241,21 +269,25 @@ class SparseReconstruction(nn.Module):
         lam = self.lam.to(device=x.device, dtype=x.dtype)
         problem = SparseCoding(op, x, lam, nonneg=self.nonneg, lipschitz=self.lipschitz,
                                check_finite=self.check_finite, lipschitz_margin=self.margin)
+        if _ORIGINAL.get():
+            backward = _ORIGINAL_BACKWARD
+            solver, max_steps, tol = (ORIGINAL_FORWARD[k] for k in ("solver", "max_steps", "tol"))
+        else:
+            backward, solver, max_steps, tol = self.backward, self.solver, self.max_steps, self.tol
         # only a solve to a tolerance may start anywhere: a fixed-step output depends on its start
-        warm = active_warm_start() if self.tol is not None else None
+        warm = active_warm_start() if tol is not None else None
         z0 = self.init
         if warm is not None:
             with torch.no_grad():
                 z0 = warm.start(self, initial_codes(problem, self.init).reshape(problem.code_shape))
         # the original forward (ISTA, fixed steps, unrolled) as one autograd node where it applies
-        fast = unrolled.unrolled_sparse_code(problem, self.solver, self.backward, self.max_steps, self.tol, self.init)
+        fast = unrolled.unrolled_sparse_code(problem, solver, backward, max_steps, tol, self.init)
         z, sol = fast if fast is not None else sparse_code(
-            problem, solver=self.solver, backward=self.backward, max_steps=self.max_steps, tol=self.tol, z0=z0,
-            return_solution=True)
+            problem, solver=solver, backward=backward, max_steps=max_steps, tol=tol, z0=z0, return_solution=True)
         if warm is not None:
             warm.keep(self, z.detach())
         stats = sol.stats
-        tol = REPORT_TOL if self.tol is None else self.tol
+        tol = REPORT_TOL if tol is None else tol
         self.last_stats = {
             "steps": stats.steps.float().mean().detach(),
             "residual": stats.residual.detach().amax(),

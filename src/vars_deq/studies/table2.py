@@ -180,7 +180,7 @@ def run_job(job: Job) -> dict[str, Any]:
     if not reused:
         train(TrainConfig(model=job.registered, model_kwargs=model_kwargs, layer_options=job.layer_options,
                           epochs=cfg.epochs, batch_size=BATCH_SIZE, seed=job.seed, output=str(out), device="cpu",
-                          progress=False,
+                          progress=False, pretrain_epochs=0,
                           resume="auto" if (out / "checkpoint.pth").exists() else None, **data))
     train_wall = time.perf_counter() - t0
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]

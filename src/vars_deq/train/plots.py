@@ -65,7 +65,8 @@ def plot_curves(history: Sequence[dict[str, Any]], path: str | os.PathLike, titl
     forward steps, the largest relative residual and the fraction of converged problems, per layer
     where the metrics have ``solver_{steps,residual,converged}_per_layer`` (the trainer writes
     them), else ``solver_steps`` and ``solver_converged`` (a number, the mean over layers, or a
-    list with one value per layer).
+    list with one value per layer). Epochs marked ``pretrain`` (the trainer's unrolled pretraining
+    of an equilibrium model) are shaded on every panel.
 
     Args:
         history: the per-epoch records of metrics.jsonl (epoch, train/test loss and accuracy, ...).
@@ -112,7 +113,11 @@ def plot_curves(history: Sequence[dict[str, Any]], path: str | os.PathLike, titl
         else:
             ax.set_ylim(*ylim)
         ax.legend(fontsize=7)
+    pretrained = [e for e, h in zip(epochs, history) if h.get("pretrain")]
     for ax in axes:
+        if pretrained:
+            ax.axvspan(min(pretrained) - 0.5, max(pretrained) + 0.5, color="0.85", zorder=0,
+                       label="unrolled pretraining" if ax is axes[1] else None)
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if epochs:
