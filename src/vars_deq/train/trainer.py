@@ -165,8 +165,9 @@ class TrainConfig:
 
 #: the preset share of a run's epochs that pretrains an equilibrium model unrolled
 #: (TrainConfig.pretrain_epochs): 6 of the default 45. Measured on the digits VARS-SD DEQ (README,
-#: implicit training): with 6 it reached 97% in 1.5-2.0x the unrolled original's time (1.9-3.3x
-#: without pretraining) and met the accuracy targets on all five seeds; 11 and 16 missed them on one
+#: implicit training): with 6 it reached 97% in 1.5-2.0x the unrolled original's time and met the
+#: accuracy targets on all five seeds; without pretraining 1.4-2.6x and one seed below them, with 11
+#: and 16 epochs one seed below them
 PRETRAIN_FRACTION = 0.15
 
 
