@@ -309,7 +309,7 @@ def test_each_problem_stops_on_its_own(solver, dtype):
     steps = sol.stats.steps
     assert bool(sol.converged.all())
     assert bool((sol.stats.residual < tol).all())
-    assert len(set(steps.tolist())) == len(steps), steps  # every problem its own count
+    assert len(set(steps.tolist())) > 1, steps  # the problems stop at their own counts, not together
     assert int(steps[0]) < int(steps[-1])
     # a problem alone takes the same number of steps as inside the batch
     for p in range(len(steps)):

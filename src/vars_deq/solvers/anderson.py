@@ -16,7 +16,10 @@ Safeguards (per problem):
     "energy":   accept z_acc only if E(z_acc) <= Q(T z; z), the value of the proximal-gradient
                 majorizer at the plain step, which bounds E(T z) from above; otherwise take T z.
                 Both branches give E(z_{k+1}) <= Q(T z_k; z_k) <= E(z_k): the energy never
-                increases. Accepting costs one Gram product per step, rejecting two.
+                increases. Accepting costs one Gram product per step, rejecting two. The test is
+                decided on the changes E(z_acc) - E(z) and Q - E(z) summed from per-entry terms
+                (:meth:`LassoBatch.energy_change`, :meth:`LassoBatch.majorizer_change`), not on
+                energies, whose float32 difference is noise near the solution.
     "residual": if the fixed-point residual is above the best one so far, take the plain step
                 and clear the memory (works on any map).
     None:       plain Anderson.
@@ -32,6 +35,15 @@ from ..prox import threshold
 from .base import StepSolver
 
 SAFEGUARDS = ("energy", "residual", None)
+#: the mixing system's ridge, relative to ||F F^T||_F. Late in a solve the memory's residuals are
+#: nearly collinear and a larger ridge biases the weights enough to stall: at 1e-4 the energy
+#: safeguarded solve of the captured digits layer reached relative residual 1e-6 on 91% of its
+#: problems in 3000 steps, in float64 too (a relative energy gap of 3e-5); at 1e-6 on all of them
+#: in 632 (gap 9e-7), and in fewer steps to 1e-4 on every measured suite and safeguard (captured,
+#: synthetic cond 1e3, DeiT-scale VARS-D: 221 / 243 / 406 steps against 275 / 265 / 463 with the
+#: energy safeguard, 323 / 351 / 913 against 414 / 427 / 1000 (unconverged) with the residual one).
+#: 1e-8 stalled the residual safeguard on the captured layer (94% in 1000 steps).
+RIDGE = 1e-6
 
 
 def _wide_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -79,7 +91,7 @@ class AndersonLassoState(NamedTuple):
 class Anderson(StepSolver):
     name = "anderson"
 
-    def __init__(self, memory: int = 5, ridge: float = 1e-4, safeguard: str | None = "energy"):
+    def __init__(self, memory: int = 5, ridge: float = RIDGE, safeguard: str | None = "energy"):
         if isinstance(memory, bool) or not isinstance(memory, int) or memory < 1:
             raise ValueError(f"memory must be an int >= 1, got {memory!r}")
         if not (isinstance(ridge, (int, float)) and ridge >= 0):
@@ -148,7 +160,7 @@ class Anderson(StepSolver):
         cand = threshold(y_mix, problem.eta * problem.lam, problem.nonneg)
         g_cand = problem.normal(cand)
         if self.safeguard == "energy":
-            accept = problem.energy_from(cand, g_cand) <= problem.majorizer(z, gz, tz)
+            accept = problem.energy_change(z, gz, cand, g_cand) <= problem.majorizer_change(z, gz, tz)
             acc = _per_problem(accept, z)
             z_new, y_new = torch.where(acc, cand, tz), torch.where(acc, y_mix, y_image)
             gz_new = torch.where(acc, g_cand, _normal_where_rejected(problem, tz, accept, may_sync))

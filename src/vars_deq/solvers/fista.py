@@ -9,7 +9,10 @@ Teboulle, IEEE TIP 2009) and adaptive restarts (O'Donoghue & Candes, FoCM 2015).
 
 Plain FISTA satisfies E(x_k) - E* <= 2 L ||x_0 - x*||^2 / (k + 1)^2 but is not monotone.
 Restart "function" resets the momentum (t = 1) when E(u_{k+1}) > E(x_k); "gradient" when
-<y_k - u_{k+1}, u_{k+1} - x_k> > 0. Restarts are per problem.
+<y_k - u_{k+1}, u_{k+1} - x_k> > 0. Restarts are per problem. The energy comparisons (function
+restart, monotone choice) are decided on E(u_{k+1}) - E(x_k) summed from per-entry terms
+(:meth:`LassoBatch.energy_change`), never on two energies, whose float32 difference is noise near
+the solution.
 
 One Gram product per step. Plain FISTA keeps u = x, so its step is y = x + c (x - x_prev) and it
 takes G y directly; with a restart or the monotone choice the energies need G u, so G y is
@@ -39,9 +42,9 @@ def nesterov_point(x: torch.Tensor, xp: torch.Tensor, t: float) -> tuple[torch.T
 
 class FISTAState(NamedTuple):
     """x: the iterate, xp: the previous one, u = T(y) of the last step; g*: their Gram products
-    G x, G xp, G u (P, M, C); t: the momentum (P, 1, 1); ex: E(x), only where monotone or
-    function restart need it (else None). Plain FISTA keeps only x, xp and t (u = x, and it forms
-    G y itself): the other fields are None, and t, the same for every problem, is a float."""
+    G x, G xp, G u (P, M, C); t: the momentum (P, 1, 1). Plain FISTA keeps only x, xp and t
+    (u = x, and it forms G y itself): the other fields are None, and t, the same for every
+    problem, is a float."""
 
     x: torch.Tensor
     gx: torch.Tensor
@@ -50,7 +53,6 @@ class FISTAState(NamedTuple):
     u: torch.Tensor
     gu: torch.Tensor
     t: torch.Tensor
-    ex: torch.Tensor | None
 
 
 class FISTA(StepSolver):
@@ -73,18 +75,17 @@ class FISTA(StepSolver):
     def init(self, problem, z0):
         # t = 0 makes the first step plain (y_1 = x_0) and sets t_1 = 1, as in Beck & Teboulle
         if self.plain:  # every problem follows the same t sequence: a Python number, no tensor work
-            return FISTAState(z0, None, z0, None, None, None, 0.0, None)
+            return FISTAState(z0, None, z0, None, None, None, 0.0)
         t = torch.zeros(z0.shape[0], 1, 1, dtype=z0.dtype, device=z0.device)
         gz = problem.normal(z0)
-        needs_energy = self.monotone or self.restart == "function"
-        return FISTAState(z0, gz, z0, gz, z0, gz, t, problem.energy_from(z0, gz) if needs_energy else None)
+        return FISTAState(z0, gz, z0, gz, z0, gz, t)
 
     def step(self, problem, state, may_sync=False):
         x, gx, xp, gxp, u, gu, t = state.x, state.gx, state.xp, state.gxp, state.u, state.gu, state.t
         if self.plain:
             y, t_new = nesterov_point(x, xp, t)
             u_new = problem.T(y)
-            return FISTAState(u_new, None, x, None, None, None, t_new, None), y, u_new
+            return FISTAState(u_new, None, x, None, None, None, t_new), y, u_new
         t_new = 0.5 * (1 + torch.sqrt(1 + 4 * t * t))
         c = (t - 1) / t_new
         a = t / t_new
@@ -92,18 +93,18 @@ class FISTA(StepSolver):
         gy = gx + a * (gu - gx) + c * (gx - gxp)
         u_new = problem.T_from(y, gy)
         gu_new = problem.normal(u_new)
-        eu = None if state.ex is None else problem.energy_from(u_new, gu_new)
+        # E(u_{k+1}) > E(x_k)
+        rose = problem.energy_change(x, gx, u_new, gu_new) > 0 if self.monotone or self.restart == "function" else None
         if self.monotone:
-            keep_old = (eu > state.ex).reshape(-1, 1, 1)
+            keep_old = rose.reshape(-1, 1, 1)
             x_new = torch.where(keep_old, x, u_new)
             gx_new = torch.where(keep_old, gx, gu_new)
-            ex_new = torch.minimum(eu, state.ex)
         else:
-            x_new, gx_new, ex_new = u_new, gu_new, eu
-        new = FISTAState(x_new, gx_new, x, gx, u_new, gu_new, t_new, ex_new)
+            x_new, gx_new = u_new, gu_new
+        new = FISTAState(x_new, gx_new, x, gx, u_new, gu_new, t_new)
         if self.restart is not None:
             if self.restart == "function":
-                bad = eu > state.ex
+                bad = rose
             else:
                 bad = ((y - u_new) * (u_new - x)).sum((-2, -1)) > 0
             bad = bad.reshape(-1, 1, 1)
