@@ -54,14 +54,14 @@ def _check_finite(name: str, t: torch.Tensor) -> None:
 class LassoBatch:
     """A flat batch of P lasso problems in the form the solvers use (internal).
 
-    ``b = D^T x`` is formed once; each step needs one Gram product ``G z = D^T D z``, and the
-    smooth part of the energy is 1/2 <z, G z> - <z, b> + 1/2 ||x||^2.
+    ``b = D^T x`` is formed once; each step needs one Gram product ``G z = D^T D z``, and energy
+    comparisons inside the solvers come from those products (:meth:`energy_change`).
     """
 
     is_lasso = True
 
-    def __init__(self, op, x, b, lam, eta, nonneg, xnorm2, step_map=None):
-        self.op, self.x, self.b, self.lam, self.eta, self.nonneg, self.xnorm2 = op, x, b, lam, eta, nonneg, xnorm2
+    def __init__(self, op, x, b, lam, eta, nonneg, step_map=None):
+        self.op, self.x, self.b, self.lam, self.eta, self.nonneg = op, x, b, lam, eta, nonneg
         # the fused no-grad step (StepMap), built on the first T without autograd; False: not used
         self._step_map = step_map
 
@@ -146,8 +146,7 @@ class LassoBatch:
 
         step_map = self._step_map.take(pick) if self._step_map else self._step_map
         return LassoBatch(
-            self.op.take(index), self.x[index], self.b[index], pick(self.lam), pick(self.eta), self.nonneg,
-            self.xnorm2[index], step_map,
+            self.op.take(index), self.x[index], self.b[index], pick(self.lam), pick(self.eta), self.nonneg, step_map,
         )
 
 
@@ -314,7 +313,7 @@ class SparseCoding:
             if self._eta is None:
                 lip = op.lipschitz(self.lipschitz).detach().reshape(-1) + self.lipschitz_margin
                 self._eta = (1.0 / lip.clamp_min(torch.finfo(lip.dtype).tiny)).to(x.dtype).reshape(-1, 1, 1)
-            self._flat[grad] = LassoBatch(op, x, b, lam, self._eta, self.nonneg, x.pow(2).sum((-2, -1)))
+            self._flat[grad] = LassoBatch(op, x, b, lam, self._eta, self.nonneg)
         return self._flat[grad]
 
     def _codes(self, z: torch.Tensor) -> torch.Tensor:
