@@ -205,3 +205,47 @@ def test_random_shift_draws_every_offset_and_zero_is_the_identity():
 def test_random_shift_refuses_a_shift_as_large_as_the_image():
     with pytest.raises(ValueError, match="max_shift must be in \\[0, 7\\]"):
         random_shift(torch.rand(2, 1, 8, 8), 8)
+
+
+def test_digits_folder_is_whole_or_absent(tmp_path, monkeypatch):
+    """write_digits_folder: every PNG readable and equal to its digit, the folder reused once written;
+    a write that fails part-way leaves neither the folder nor its temporary sibling (a reader in
+    another process, a study's parallel runs, sees the whole folder or none), and a partial folder
+    from elsewhere is refused by name."""
+    from vars_deq.data import write_digits_folder
+
+    root = tmp_path / "digits"
+    calls = []
+    real_save = Image.Image.save
+
+    def failing_save(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 7:
+            raise OSError("disk full")
+        return real_save(self, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(Image.Image, "save", failing_save)
+        with pytest.raises(OSError, match="disk full"):
+            write_digits_folder(root, 2, 1)
+    assert not root.exists() and list(tmp_path.iterdir()) == []
+
+    assert write_digits_folder(root, 2, 1) == root
+    train, test = load_digits_split()
+    for split, ds, per_class in (("train", train, 2), ("test", test, 1)):
+        images, labels = ds.tensors
+        for c in range(10):
+            files = sorted((root / split / str(c)).iterdir())
+            assert [f.name for f in files] == [f"{k}.png" for k in range(per_class)]
+            first = int((labels == c).nonzero()[0])
+            pixels = np.asarray(Image.open(files[0]))
+            assert np.array_equal(pixels, (images[first, 0] * 255).round().byte().numpy())
+    stamp = (root / "done").stat().st_mtime_ns
+    write_digits_folder(root, 2, 1)  # reused, not rewritten
+    assert (root / "done").stat().st_mtime_ns == stamp and sorted(p.name for p in tmp_path.iterdir()) == ["digits"]
+
+    partial = tmp_path / "partial"
+    (partial / "train").mkdir(parents=True)
+    with pytest.raises(DataError, match="partial"):
+        write_digits_folder(partial, 2, 1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["digits", "partial"]

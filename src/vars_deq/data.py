@@ -19,6 +19,8 @@ of channels (RGB -> gray by luminance, gray -> RGB by repetition), so any model 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -176,19 +178,32 @@ def write_digits_folder(root: str | os.PathLike, train_per_class: int, test_per_
 
     The first ``train_per_class`` training and ``test_per_class`` test images of each class, as
     8-bit PNGs; written once (a ``done`` marker) and reused. For smoke runs of whole studies.
+    The folder is written beside ``root`` and renamed into place, so a reader (another process
+    of a study) sees either no folder or the whole one, never a PNG half written.
     """
     from PIL import Image
 
     root = Path(root)
-    if not (root / "done").exists():
+    if (root / "done").exists():
+        return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
+    try:
         for split, ds, per_class in zip(("train", "test"), load_digits_split(), (train_per_class, test_per_class)):
             images, labels = ds.tensors
             for c in range(10):
-                (root / split / str(c)).mkdir(parents=True, exist_ok=True)
+                (tmp / split / str(c)).mkdir(parents=True, exist_ok=True)
                 for k, i in enumerate((labels == c).nonzero().flatten()[:per_class].tolist()):
                     pixels = (images[i, 0] * 255).round().byte().numpy()
-                    Image.fromarray(pixels).save(root / split / str(c) / f"{k}.png")
-        (root / "done").touch()
+                    Image.fromarray(pixels).save(tmp / split / str(c) / f"{k}.png")
+        (tmp / "done").touch()
+        try:
+            os.rename(tmp, root)  # atomic; refused where root exists (another writer got there first)
+        except OSError:
+            if not (root / "done").exists():
+                raise DataError(f"{str(root)!r} exists without its 'done' marker (a partial folder): remove it") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return root
 
 

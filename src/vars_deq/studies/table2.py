@@ -323,6 +323,7 @@ def run_study(cfg: StudyConfig) -> dict[str, Any]:
 
     cfg.validate()
     jobs = plan(cfg)
+    _dataset(cfg)  # a data folder the runs share is written before any of them reads it
     load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
     records = []
