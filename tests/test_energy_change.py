@@ -20,10 +20,10 @@ from vars_deq.train.checkpoint import model_from_checkpoint
 from vars_deq.cli.common import checkpoint_or_default
 
 
-def _codes(flat, gen, scale=1.0):
+def _codes(flat, gen):
     """Sparse codes of the batch's shape: thresholded Gaussians (some entries exactly 0)."""
-    z = scale * torch.randn(flat.b.shape, generator=gen, dtype=torch.float64).to(flat.b.dtype)
-    return threshold(z, 0.5 * scale, flat.nonneg)
+    z = torch.randn(flat.b.shape, generator=gen, dtype=torch.float64).to(flat.b.dtype)
+    return threshold(z, 0.5, flat.nonneg)
 
 
 @given(case=lasso_cases(), seed=st.integers(0, 2**31 - 1), negative=st.booleans())
